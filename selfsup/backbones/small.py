@@ -1,0 +1,42 @@
+"""CPU-sized ResNets with a 3x3 stride-1 stem, registered in timm's registry as `selfsup_<name>`.
+
+Their weights keep timm's ResNet key names; only the stem is different (3x3 instead of 7x7, no
+max-pool), so `timm.create_model("selfsup_resnet18_s1")` rebuilds the exact network.
+"""
+
+from __future__ import annotations
+
+from timm.models import register_model
+from timm.models.resnet import BasicBlock, ResNet
+from torch import nn
+
+
+def _stride1_resnet(layers, channels, **kwargs):
+    for timm_only in ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(timm_only, None)
+    kwargs.setdefault("zero_init_last", False)
+    in_chans = kwargs.get("in_chans", 3)
+    # a "deep" stem makes timm size bn1 and layer1's input as channels[0]; its 3-conv stem is then
+    # replaced by one 3x3 stride-1 conv, keeping the standard key names (conv1, bn1)
+    net = ResNet(block=BasicBlock, layers=layers, channels=channels, stem_type="deep", stem_width=channels[0] // 2, **kwargs)
+    net.conv1 = nn.Conv2d(in_chans, channels[0], kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    net.maxpool = nn.Identity()
+    for info in net.feature_info:  # the stem no longer downsamples by 4
+        info["reduction"] = max(1, info["reduction"] // 4) if info["module"] != "act1" else 1
+    return net
+
+
+@register_model
+def selfsup_resnet18_s1(pretrained: bool = False, **kwargs):
+    return _stride1_resnet((2, 2, 2, 2), (64, 128, 256, 512), **kwargs)
+
+
+@register_model
+def selfsup_resnet10_s1_w32(pretrained: bool = False, **kwargs):
+    return _stride1_resnet((1, 1, 1, 1), (32, 64, 128, 256), **kwargs)
+
+
+@register_model
+def selfsup_resnet_tiny(pretrained: bool = False, **kwargs):
+    return _stride1_resnet((1, 1, 1, 1), (8, 16, 32, 64), **kwargs)

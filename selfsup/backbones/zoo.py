@@ -1,0 +1,80 @@
+"""Registered backbones. Builders import timm lazily so that listing names stays cheap.
+
+ResNets are built with `zero_init_last=False`: timm's default zero-initialises the last norm of
+every residual block, which makes a randomly initialised network's features nearly useless and a
+random-init baseline unfair (DESIGN.md, calibration). Pass `zero_init_last=True` to get timm's.
+"""
+
+from __future__ import annotations
+
+from selfsup.backbones.registry import register_backbone
+
+
+def _timm(model_name: str, **kwargs):
+    import timm
+
+    return timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
+
+
+def _resnet(timm_name: str, kwargs: dict):
+    kwargs.setdefault("zero_init_last", False)
+    return _timm(timm_name, **kwargs)
+
+
+@register_backbone("resnet18", family="convnet", timm_name="resnet18", description="ResNet-18 (timm)")
+def resnet18(**kw):
+    return _resnet("resnet18", kw)
+
+
+@register_backbone("resnet50", family="convnet", timm_name="resnet50", description="ResNet-50 (timm)")
+def resnet50(**kw):
+    return _resnet("resnet50", kw)
+
+
+for _name, _timm_name in [
+    ("convnext_atto", "convnext_atto"),
+    ("convnext_t", "convnext_tiny"),
+    ("convnext_s", "convnext_small"),
+    ("convnext_b", "convnext_base"),
+]:
+    register_backbone(_name, family="convnet", timm_name=_timm_name, description=f"{_timm_name} (timm)")(
+        lambda _n=_timm_name, **kw: _timm(_n, **kw)
+    )
+
+for _name, _timm_name in [
+    ("vit_t", "vit_tiny_patch16_224"),
+    ("vit_s", "vit_small_patch16_224"),
+    ("vit_b", "vit_base_patch16_224"),
+]:
+    register_backbone(
+        _name, family="vit", timm_name=_timm_name, description=f"{_timm_name} (timm); img_size/patch_size overridable"
+    )(lambda _n=_timm_name, **kw: _timm(_n, **kw))
+
+
+def _small(timm_name: str, kwargs: dict):
+    import selfsup.backbones.small  # noqa: F401  (registers the selfsup_* names in timm)
+
+    return _timm(timm_name, **kwargs)
+
+
+# Small networks for CPU work at 32 px: ResNets with a 3x3 stride-1 stem and no max-pool (the usual
+# CIFAR stem), registered in timm's own registry too (selfsup.backbones.small) so that exported
+# weights load with timm.create_model("selfsup_<name>") after `import selfsup.backbones.small`.
+for _name, _desc in [
+    ("resnet18_s1", "ResNet-18, 3x3 stride-1 stem (CIFAR-style)"),
+    ("resnet10_s1_w32", "ResNet-10 (1 block per stage), widths 32-64-128-256, 3x3 stride-1 stem"),
+    ("resnet_tiny", "tests: ResNet, 1 block per stage, widths 8-16-32-64, stride-1 stem"),
+]:
+    register_backbone(_name, family="convnet", timm_name=f"selfsup_{_name}", description=_desc)(
+        lambda _n=_name, **kw: _small(f"selfsup_{_n}", kw)
+    )
+
+register_backbone(
+    "convnext_tiny_test", family="convnet", timm_name="convnext_atto", description="tests: ConvNeXt, dims 16-32-64-128",
+    depths=(1, 1, 1, 1), dims=(16, 32, 64, 128),
+)(lambda **kw: _timm("convnext_atto", **kw))
+
+register_backbone(
+    "vit_tiny_test", family="vit", timm_name="vit_tiny_patch16_224", description="tests: ViT, dim 32, depth 2, 32 px patch 4",
+    img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+)(lambda **kw: _timm("vit_tiny_patch16_224", **kw))
