@@ -15,6 +15,8 @@ def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
     found = difflib.get_close_matches(word, choices, n=n, cutoff=0.5)
     if not found:  # fall back to prefix/substring matches so that e.g. 'vit' still suggests something
         found = [c for c in choices if word and (c.startswith(word) or word in c)][:n]
+    if not found:  # always name the nearest choice, however far it is
+        found = difflib.get_close_matches(word, choices, n=1, cutoff=0.0)
     return found
 
 

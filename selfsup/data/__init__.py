@@ -1,0 +1,1 @@
+"""Data: built-in real datasets, WebDataset shard writing and streaming, per-method views."""

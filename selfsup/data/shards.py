@@ -1,0 +1,143 @@
+"""Writing WebDataset shards: from a built-in dataset, or from an image folder.
+
+A sample is `__key__`, the encoded image under its format's extension (`png`, `jpg`, ...), and
+`cls` (an integer label) when there is one. Every shard folder gets `index.json` with the sample
+count per shard and the class names, so that readers know the epoch size without a scan.
+Shards are written into a temporary folder and renamed at the end: an interrupted write never
+leaves a half-written dataset behind.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from selfsup.errors import UserError
+
+IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".bmp": "bmp", ".webp": "webp", ".ppm": "ppm"}
+INDEX_FILE = "index.json"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SELFSUP_CACHE", Path.home() / ".cache" / "selfsup"))
+
+
+def write_shards(
+    samples: Iterable[dict],
+    out_dir: Path,
+    *,
+    prefix: str,
+    total: int | None = None,
+    samples_per_shard: int = 5000,
+    classes: list[str] | None = None,
+    desc: str = "writing shards",
+) -> list[Path]:
+    """Write `samples` (dicts in webdataset form) as `out_dir/<prefix>-000000.tar`, ... atomically."""
+    import webdataset as wds
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    counts: list[int] = []
+    with wds.ShardWriter(str(tmp / f"{prefix}-%06d.tar"), maxcount=samples_per_shard, verbose=0) as sink:
+        for sample in tqdm(samples, total=total, desc=desc, unit="img", dynamic_ncols=True, mininterval=0.5):
+            if not counts or counts[-1] == samples_per_shard:
+                counts.append(0)
+            sink.write(sample)
+            counts[-1] += 1
+    shards = sorted(p.name for p in tmp.glob(f"{prefix}-*.tar"))
+    index = {"shards": dict(zip(shards, counts, strict=True)), "classes": classes}
+    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return [out_dir / s for s in shards]
+
+
+def encode_png(array) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def builtin_samples(name: str, split: str) -> tuple[Iterator[dict], int, list[str]]:
+    from selfsup.data.builtin import load_builtin
+
+    arrays = load_builtin(name, split)
+
+    def gen():
+        for i, (image, label) in enumerate(zip(arrays.images, arrays.labels, strict=True)):
+            yield {"__key__": f"{split}{i:07d}", "png": encode_png(image), "cls": int(label)}
+
+    return gen(), len(arrays.labels), list(arrays.classes)
+
+
+def builtin_shards(name: str, split: str, cache_dir: str | Path | None = None) -> Path:
+    """The shard folder of a built-in dataset split, written on first use."""
+    folder = Path(cache_dir or default_cache_dir()) / "shards" / name / split
+    if not (folder / INDEX_FILE).exists():
+        samples, total, classes = builtin_samples(name, split)
+        print(f"selfsup: writing built-in dataset {name}/{split} as shards into {folder} (once)", flush=True)
+        write_shards(samples, folder, prefix=split, total=total, classes=classes, desc=f"{name}/{split}")
+    return folder
+
+
+def image_folder_samples(src: Path) -> tuple[Iterator[dict], int, list[str]]:
+    """Images under `src/<class>/...` (labels from sorted class folders) or directly under `src`.
+    Files are stored as their original bytes: nothing is decoded or re-encoded here, so a corrupt
+    file is written as it is and skipped (and counted) by the reader."""
+    src = Path(src)
+    if not src.is_dir():
+        raise UserError(f"image folder {str(src)!r} does not exist or is not a folder")
+    classes = sorted(p.name for p in src.iterdir() if p.is_dir())
+    files: list[tuple[Path, int | None]] = []
+    if classes:
+        for label, cls in enumerate(classes):
+            files += [(p, label) for p in sorted((src / cls).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    else:
+        files = [(p, None) for p in sorted(src.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not files:
+        raise UserError(f"no images ({', '.join(sorted(set(IMAGE_EXTENSIONS)))}) found under {str(src)!r}")
+
+    def gen():
+        for i, (path, label) in enumerate(files):
+            sample = {"__key__": f"{i:08d}", IMAGE_EXTENSIONS[path.suffix.lower()]: path.read_bytes()}
+            if label is not None:
+                sample["cls"] = label
+            yield sample
+
+    return gen(), len(files), classes or None
+
+
+def write_shards_from(src: str, out: str | Path, samples_per_shard: int = 5000) -> list[Path]:
+    """`submit shards SRC OUT`: SRC is a built-in dataset name (both splits) or an image folder."""
+    from selfsup.data.builtin import BUILTIN
+
+    out = Path(out)
+    if src in BUILTIN:
+        written = []
+        for split in ("train", "test"):
+            samples, total, classes = builtin_samples(src, split)
+            written += write_shards(samples, out / split, prefix=split, total=total, classes=classes,
+                                    samples_per_shard=samples_per_shard, desc=f"{src}/{split}")
+        return written
+    if not Path(src).exists() and "/" not in src:
+        from selfsup.errors import unknown_choice
+
+        raise unknown_choice("shard source (built-in dataset or image folder)", src, BUILTIN)
+    samples, total, classes = image_folder_samples(Path(src))
+    return write_shards(samples, out, prefix="shard", total=total, classes=classes, samples_per_shard=samples_per_shard)
+
+
+def read_index(folder: Path) -> dict | None:
+    path = Path(folder) / INDEX_FILE
+    return json.loads(path.read_text()) if path.exists() else None

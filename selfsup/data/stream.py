@@ -1,0 +1,207 @@
+"""Streaming WebDataset shards into Lightning.
+
+One code path for every dataset: built-in data is written to shards once and streamed like any
+user's shards. Training streams are endless (shards are cycled, or resampled) and cut into epochs
+of a fixed number of batches per rank, so every rank runs the same number of steps (no DDP hang).
+A sample that fails to decode is skipped and counted (a shared counter, read by the module's
+logging), never fatal.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+
+from selfsup.data.shards import builtin_shards, read_index
+from selfsup.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
+
+
+def expand_urls(spec: str | list[str]) -> list[str]:
+    """A folder of shards, a brace pattern (`data/train-{000000..000009}.tar`), a glob, a URL, or a list."""
+    import braceexpand
+
+    if isinstance(spec, (list, tuple)):
+        return [u for s in spec for u in expand_urls(s)]
+    spec = str(spec)
+    if "://" in spec and not spec.startswith("file://"):
+        return list(braceexpand.braceexpand(spec))
+    spec = spec.removeprefix("file://")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        urls = sorted(str(p) for p in path.glob("*.tar"))
+    elif any(c in spec for c in "*?["):
+        urls = sorted(str(p) for p in Path("/").glob(str(path.resolve()).lstrip("/")))
+    else:
+        urls = list(braceexpand.braceexpand(str(path)))
+    missing = [u for u in urls if not Path(u).exists()]
+    if not urls or missing:
+        raise UserError(f"no shards found at {spec!r}" + (f" (missing: {missing[0]})" if missing else ""))
+    return urls
+
+
+def count_samples(spec: str | list[str]) -> int | None:
+    """Samples in the shards, from the index.json that `submit shards` writes (None if unknown)."""
+    urls = expand_urls(spec)
+    total = 0
+    indexes: dict[Path, dict | None] = {}
+    for url in urls:
+        folder = Path(url).parent
+        if folder not in indexes:
+            indexes[folder] = read_index(folder)
+        index = indexes[folder]
+        if index is None or Path(url).name not in index["shards"]:
+            return None
+        total += index["shards"][Path(url).name]
+    return total
+
+
+def dataset_classes(spec: str | list[str]) -> list[str] | None:
+    urls = expand_urls(spec)
+    index = read_index(Path(urls[0]).parent)
+    return index.get("classes") if index else None
+
+
+class SampleDecoder:
+    """Decodes one webdataset sample to `{"key", "label", **view(image)}`; returns None (and counts
+    it) when the image cannot be decoded or the view fails on it."""
+
+    def __init__(self, view: Callable, skipped: multiprocessing.Value):
+        self.view = view
+        self.skipped = skipped
+
+    def __call__(self, sample: dict) -> dict | None:
+        from PIL import Image
+
+        key = sample.get("__key__", "?")
+        try:
+            data = next(sample[k] for k in IMAGE_KEYS if k in sample)
+            with Image.open(io.BytesIO(data)) as img:
+                image = img.convert("RGB")
+            out = self.view(image)
+        except Exception as err:  # a corrupt sample must not end a long run
+            with self.skipped.get_lock():
+                self.skipped.value += 1
+            log.warning("skipping sample %s from %s: %s", key, sample.get("__url__", "?"), err)
+            return None
+        label = int(sample["cls"]) if "cls" in sample else -1
+        return {"key": key, "label": label, **out}
+
+
+def collate(samples: list[dict]) -> dict:
+    batch = {"key": [s["key"] for s in samples], "label": torch.tensor([s["label"] for s in samples])}
+    for name in samples[0]:
+        if name in batch:
+            continue
+        value = samples[0][name]
+        if isinstance(value, torch.Tensor):
+            batch[name] = torch.stack([s[name] for s in samples])
+        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
+            batch[name] = [torch.stack([s[name][i] for s in samples]) for i in range(len(value))]
+        else:
+            batch[name] = [s[name] for s in samples]
+    return batch
+
+
+def resolve_split(data_cfg, split: str) -> str | list[str]:
+    """Where a split's shards are: `data.train`/`data.test` if given, else the built-in dataset's cache."""
+    explicit = data_cfg.get(split)
+    if explicit:
+        return explicit
+    from selfsup.data.builtin import BUILTIN
+
+    if data_cfg.name in BUILTIN:
+        return str(builtin_shards(data_cfg.name, split, data_cfg.get("cache_dir")))
+    raise UserError(f"no {split} shards: set data.{split}=<shards> (or data=<built-in dataset>: {', '.join(BUILTIN)})")
+
+
+def world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def make_stream(urls, decoder, *, batch_size, num_workers, shuffle_buffer, resampled, seed, batches_per_rank=None):
+    """Endless training stream (batches_per_rank set) or a single ordered pass (None)."""
+    import webdataset as wds
+
+    training = batches_per_rank is not None
+    rank, world_size = world()
+    if training and not resampled and len(urls) < world_size * max(1, num_workers):
+        # each rank and worker must own at least one shard for a disjoint split: resample instead
+        log.warning("%d shards < %d ranks x %d workers: resampling shards", len(urls), world_size, max(1, num_workers))
+        resampled = True
+    dataset = wds.WebDataset(
+        urls,
+        resampled=training and resampled,
+        shardshuffle=(100 if training and not resampled else False),
+        nodesplitter=(wds.split_by_node if training else None),
+        workersplitter=wds.split_by_worker,
+        empty_check=False,
+        seed=seed,
+        handler=wds.warn_and_continue,
+    )
+    if training and not resampled:
+        dataset = dataset.repeat()
+    if training and shuffle_buffer:
+        dataset = dataset.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000))
+    dataset = dataset.map(decoder).select(lambda s: s is not None)
+    dataset = dataset.batched(batch_size, collation_fn=collate, partial=not training)
+    loader = wds.WebLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=training and num_workers > 0,
+                           pin_memory=torch.cuda.is_available())
+    if training:
+        loader = loader.with_epoch(batches_per_rank).with_length(batches_per_rank)
+    return loader
+
+
+class ShardDataModule(LightningDataModule):
+    """Training batches for a method: shards -> decode -> the method's view -> batched dicts."""
+
+    def __init__(self, data_cfg, train_view: Callable, seed: int = 0):
+        super().__init__()
+        self.cfg = data_cfg
+        self.train_view = train_view
+        self.seed = seed
+        self.skipped = multiprocessing.get_context("fork").Value("l", 0)
+        self.train_spec = resolve_split(data_cfg, "train")
+        self.urls = expand_urls(self.train_spec)
+        self.num_samples = data_cfg.get("epoch_samples") or count_samples(self.train_spec)
+        if not self.num_samples:
+            raise UserError(f"the size of {self.train_spec!r} is unknown (no index.json): set data.epoch_samples=<N>")
+        self.classes = dataset_classes(self.train_spec)
+
+    def batches_per_rank(self) -> int:
+        _, world_size = world()
+        return max(1, self.num_samples // (world_size * self.cfg.batch_size))
+
+    def train_dataloader(self):
+        rank, _ = world()
+        return make_stream(
+            self.urls,
+            SampleDecoder(self.train_view, self.skipped),
+            batch_size=self.cfg.batch_size,
+            num_workers=self.cfg.num_workers,
+            shuffle_buffer=self.cfg.shuffle_buffer,
+            resampled=self.cfg.resampled,
+            seed=self.seed + rank,
+            batches_per_rank=self.batches_per_rank(),
+        )
+
+
+def eval_loader(spec, view: Callable, batch_size: int = 256, num_workers: int = 1):
+    """One ordered pass over labelled shards (the probe's reader)."""
+    skipped = multiprocessing.get_context("fork").Value("l", 0)
+    return make_stream(expand_urls(spec), SampleDecoder(view, skipped), batch_size=batch_size,
+                       num_workers=num_workers, shuffle_buffer=0, resampled=False, seed=0)

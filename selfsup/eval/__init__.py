@@ -1,0 +1,1 @@
+"""Evaluation of frozen backbones: linear probe, k-NN."""

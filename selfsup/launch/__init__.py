@@ -1,0 +1,1 @@
+"""The `submit` CLI, config composition, executors and the training job."""

@@ -1,0 +1,72 @@
+"""`submit`: the command line. Imports nothing heavy at start-up (`submit --help` stays fast);
+each command imports what it needs. A UserError is printed as one line and exits with 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from selfsup.errors import UserError
+
+EPILOG = """examples:
+  submit pretrain rotnet resnet10_s1_w32                      # demo: built-in Fashion-MNIST, this machine
+  submit pretrain rotnet resnet50 data=/data/shards/train-{000000..000099}.tar image_size=224
+  submit pretrain rotnet resnet18 resume=runs/rotnet-resnet18-20261126-101500
+  submit probe runs/rotnet-resnet10_s1_w32-20261126-101500 data=fashion_mnist
+  submit export runs/rotnet-resnet10_s1_w32-20261126-101500 -o backbone.safetensors
+  submit shards ./my_images ./my_shards
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="submit", description="selfsup: self-supervised pretraining of vision backbones.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("pretrain", help="pretrain a backbone with a method (local by default)")
+    p.add_argument("method", help="a method name (see `submit methods`)")
+    p.add_argument("backbone", help="a backbone name (see `submit backbones`)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.batch_size=128")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+    p = sub.add_parser("probe", help="linear probe + k-NN of a run, checkpoint, export or random:<backbone>")
+    p.add_argument("target", help="a run folder, a .ckpt, a .safetensors export, or random:<backbone>")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=fashion_mnist probe.train_samples=10000")
+
+    p = sub.add_parser("export", help="write a run's backbone as timm-ready .safetensors")
+    p.add_argument("source", help="a run folder, a .ckpt file or a DeepSpeed checkpoint folder")
+    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    p.add_argument("--format", choices=("timm", "torchvision"), default="timm", help="key names to use (default: timm)")
+
+    p = sub.add_parser("shards", help="write WebDataset shards from an image folder or a built-in dataset")
+    p.add_argument("source", help="an image folder (class sub-folders give labels) or a built-in dataset name")
+    p.add_argument("output", help="the folder to write the shards into")
+    p.add_argument("--samples-per-shard", type=int, default=5000)
+
+    sub.add_parser("backbones", help="list registered backbones")
+    sub.add_parser("methods", help="list methods")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        from selfsup.launch import commands
+
+        return getattr(commands, args.command)(args) or 0
+    except UserError as err:
+        print(f"submit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("submit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The training job: what runs on the machine (locally, or inside a Slurm task)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from selfsup.launch.callbacks import ImagesPerSecond
+    from selfsup.launch.checkpointing import AtomicCheckpointIO, LastCheckpoint
+    from selfsup.launch.strategies import build_strategy
+
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs = {k: v for k, v in trainer_kwargs.items() if v is not None}
+    callbacks = [
+        LastCheckpoint(run_dir / "checkpoints", cfg.checkpoint_every_n_steps),
+        LearningRateMonitor(logging_interval="step"),
+        ImagesPerSecond(),
+        *extra_callbacks,
+    ]
+    return pl.Trainer(
+        **trainer_kwargs,
+        strategy=build_strategy(cfg),
+        logger=TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False),
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(run_dir),
+        enable_checkpointing=False,  # LastCheckpoint owns checkpoints
+        use_distributed_sampler=False,  # the shard stream splits data by rank itself
+    )
+
+
+def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Pretrain `cfg` in `run_dir`, resuming from its last checkpoint if there is one."""
+    import lightning.pytorch as pl
+
+    from selfsup.data.stream import ShardDataModule
+    from selfsup.launch.checkpointing import LAST
+    from selfsup.ssl import method_class
+
+    run_dir = Path(run_dir)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    method_cls = method_class(cfg.method.name)
+    datamodule = ShardDataModule(cfg.data, train_view=None, seed=cfg.seed)
+    if datamodule.classes is None and cfg.data.name == "shards":
+        print("selfsup: the training shards carry no labels: the online probe is off")
+    module = method_cls(cfg, num_classes=len(datamodule.classes) if datamodule.classes else None)
+    datamodule.train_view = module.train_view()
+    trainer = build_trainer(cfg, run_dir)
+    last = run_dir / "checkpoints" / LAST
+    ckpt_path = str(last) if last.exists() else None
+    if ckpt_path:
+        print(f"selfsup: resuming from {last}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    return {"global_step": trainer.global_step, "run_dir": str(run_dir),
+            "skipped_samples": int(datamodule.skipped.value), "interrupted": trainer.interrupted}

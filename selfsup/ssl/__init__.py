@@ -1,0 +1,42 @@
+"""Self-supervised methods. The table below is the one place a method is named; it stays cheap to
+import (no torch) so that the CLI can validate a command line before anything heavy loads."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from selfsup.errors import UserError, unknown_choice
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    target: str  # "module:Class"
+    families: tuple[str, ...]  # backbone families the method accepts
+    summary: str
+
+
+METHODS: dict[str, MethodEntry] = {
+    "rotnet": MethodEntry("selfsup.ssl.rotnet:RotNet", ("convnet", "vit"), "predict the rotation (0/90/180/270) of every image"),
+}
+
+
+def method_entry(name: str) -> MethodEntry:
+    if name not in METHODS:
+        raise unknown_choice("method", name, METHODS)
+    return METHODS[name]
+
+
+def check_pair(method: str, backbone: str) -> None:
+    from selfsup.backbones import get_spec
+
+    entry, spec = method_entry(method), get_spec(backbone)
+    if spec.family not in entry.families:
+        raise UserError(
+            f"{method} does not accept {backbone} (a {spec.family}): it needs a {' or '.join(entry.families)} backbone"
+        )
+
+
+def method_class(name: str):
+    module, cls = method_entry(name).target.split(":")
+    return getattr(importlib.import_module(module), cls)
