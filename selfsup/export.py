@@ -152,8 +152,10 @@ def _load_zero_checkpoint(folder: Path) -> dict[str, Any]:
                 checkpoint = convert_zero_checkpoint_to_fp32_state_dict(folder, Path(scratch) / "fp32.ckpt")
         except ModuleNotFoundError as error:
             raise UserError(f"{folder}: converting a DeepSpeed checkpoint needs deepspeed ({_first_line(error)})") from None
-        except (OSError, ValueError, KeyError, IndexError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
-            raise UserError(f"{folder}: not a readable DeepSpeed ZeRO checkpoint ({_first_line(error)})") from None
+        except Exception as error:  # a damaged or foreign folder fails in many ways inside deepspeed
+            raise UserError(
+                f"{folder}: not a readable DeepSpeed ZeRO checkpoint ({type(error).__name__}: {_first_line(error)})"
+            ) from None
     return checkpoint
 
 
@@ -272,7 +274,10 @@ def export_backbone(src: str | os.PathLike, out_path: str | os.PathLike, fmt: st
         raise UserError(f"{out_path}: the export is a safetensors file; name it *.safetensors")
     checkpoint = load_checkpoint(src)
     selfsup_meta = checkpoint["selfsup"]
-    weights = backbone_state_dict(checkpoint)
+    try:
+        weights = backbone_state_dict(checkpoint)
+    except UserError as error:
+        raise UserError(f"{src}: {error}") from None
     if fmt == "torchvision":
         weights = to_torchvision(weights, selfsup_meta["timm_name"])
     metadata = _export_metadata(selfsup_meta, checkpoint["global_step"], fmt)
@@ -337,7 +342,8 @@ def load_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
 
 
 def create_timm_model_from_export(path: str | os.PathLike) -> nn.Module:
-    """The timm network (no classifier) of an export, with its weights loaded strictly."""
+    """The timm network (no classifier) of an export, with its weights loaded strictly. Takes either
+    format: the ResNets that the torchvision format allows have timm's names too."""
     import timm
 
     weights, metadata = load_export(path)

@@ -128,6 +128,7 @@ def test_torchvision_export_loads_with_only_fc_missing(name, tmp_path):
     assert export.load_into_torchvision(model, weights) == ["fc.bias", "fc.weight"]
     model.fc = nn.Identity()
     assert_same_outputs(model, backbone, input_batch(backbone))
+    assert_same_outputs(export.create_timm_model_from_export(out), backbone, input_batch(backbone))
 
 
 @pytest.mark.parametrize("name", ["convnext_tiny_test", "vit_tiny_test", "resnet_tiny"])
@@ -366,7 +367,7 @@ def test_a_folder_with_a_latest_file_but_no_zero_shards_is_a_user_error(tmp_path
     (folder / "latest").write_text("checkpoint")
     with pytest.raises(UserError) as excinfo:
         export.load_checkpoint(folder)
-    assert_one_line_user_error(excinfo, str(folder), "DeepSpeed")
+    assert_one_line_user_error(excinfo, str(folder), "not a readable DeepSpeed ZeRO checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,3 +497,7 @@ def test_a_zero_checkpoint_folder_exports_the_fp32_master_weights(tmp_path):
             assert torch.equal(weights[key], tensor), key
     model = export.create_timm_model_from_export(out)  # loads strictly
     assert torch.equal(model.state_dict()["layer4.0.conv2.weight"], expected["layer4.0.conv2.weight"])
+
+    zero_folder = run / "checkpoints" / "last.ckpt"  # the ZeRO folder itself is a source too
+    direct, _ = export.load_export(export.export_backbone(zero_folder, tmp_path / "direct.safetensors"))
+    assert all(torch.equal(direct[key], weights[key]) for key in weights)

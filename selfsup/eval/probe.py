@@ -126,7 +126,8 @@ def evaluate(train_x, train_y, test_x, test_y, cfg: DictConfig) -> dict:
         train_x, train_y = train_x[keep], train_y[keep]
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     linear = linear_probe(train_x, train_y, test_x, test_y, num_classes, max_iter=p.max_iter,
-                          val_fraction=p.val_fraction, seed=p.seed, weight_decays=tuple(p.weight_decays))
+                          val_fraction=p.val_fraction, select_samples=p.select_samples, seed=p.seed,
+                          weight_decays=tuple(p.weight_decays))
     knn = knn_probe(train_x, train_y, test_x, test_y, num_classes, k=p.knn_k, temperature=p.knn_temperature)
     return {"linear": linear, "knn": knn, "train_samples": len(train_x), "test_samples": len(test_x),
             "feature_dim": int(train_x.shape[1])}

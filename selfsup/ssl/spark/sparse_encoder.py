@@ -53,6 +53,36 @@ def _patch_stream_query(spconv_ops) -> None:
     spconv_ops.get_current_stream = get_current_stream
 
 
+class _SpconvOpsWithSafeScatter:
+    """spconv's `SpconvOps` with a correct `scatter_add_cpu`.
+
+    spconv 2.3's CPU scatter-add (csrc/sparse/gather.py) keeps its row pointers in variables shared
+    by all OpenMP threads, so with more than one thread rows are added to the wrong places and CPU
+    convolutions are silently wrong (forward and backward). Its CPU conv loop calls it once per
+    kernel offset with distinct output rows; torch's index_add_ does the same addition safely.
+    """
+
+    fixes_scatter_add_race = True
+
+    def __init__(self, spconv_ops_class):
+        self._wrapped = spconv_ops_class
+
+    def __getattr__(self, name):
+        return getattr(self._wrapped, name)
+
+    @staticmethod
+    def scatter_add_cpu(out, rows, indices) -> None:
+        # tensorview tensors -> torch views of the same memory
+        out, rows = torch.from_numpy(out.numpy_view()), torch.from_numpy(rows.numpy_view())
+        indices = torch.from_numpy(indices.numpy_view()).long()
+        out.index_add_(0, indices, rows[: indices.numel()])
+
+
+def _patch_scatter_add(spconv_ops) -> None:
+    if not getattr(spconv_ops.SpconvOps, "fixes_scatter_add_race", False):
+        spconv_ops.SpconvOps = _SpconvOpsWithSafeScatter(spconv_ops.SpconvOps)
+
+
 @functools.cache
 def spconv_or_reason() -> tuple[SimpleNamespace | None, str]:
     """(spconv's functional conv ops, "") or (None, why spconv cannot be used)."""
@@ -64,6 +94,7 @@ def spconv_or_reason() -> tuple[SimpleNamespace | None, str]:
     except Exception as error:  # not installed, or its compiled extension does not load here
         return None, f"spconv cannot be imported ({type(error).__name__}: {error})"
     _patch_stream_query(ops)
+    _patch_scatter_add(ops)
     spconv = SimpleNamespace(
         indice_pairs=ops.get_indice_pairs,
         subm_conv=functional.SubMConvFunction.apply,
@@ -195,6 +226,33 @@ def _is_channels_first_layer_norm(module: nn.Module) -> bool:
     return isinstance(module, LayerNorm2d)
 
 
+def batch_norm_rows(bn: nn.modules.batchnorm._BatchNorm, rows: torch.Tensor) -> torch.Tensor:
+    """`bn` (a BatchNorm2d, with its parameters and running statistics) applied to rows `[N, C]` of
+    visible sites, as BatchNorm1d would: statistics and running-statistics updates from these rows.
+
+    Not `bn(rows[:, :, None, None])`: torch's CPU kernel on N one-pixel images is ~10x slower than
+    on the same numbers as `[N, C]`. The bookkeeping below is `_BatchNorm.forward`'s."""
+    if isinstance(bn, nn.SyncBatchNorm):  # its forward accepts [N, C] and reduces across ranks
+        return bn(rows)
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    return F.batch_norm(
+        rows,
+        bn.running_mean if track else None,
+        bn.running_var if track else None,
+        bn.weight,
+        bn.bias,
+        use_batch_stats,
+        momentum,
+        bn.eps,
+    )
+
+
 def _check_norm(module: nn.Module) -> None:
     if not (_is_batch_norm(module) or isinstance(module, nn.LayerNorm)):
         raise NotImplementedError(f"SparK's sparse encoder has no sparse form of {type(module).__name__}")
@@ -230,8 +288,8 @@ class _MaskedOps:
     def norm(self, norm: nn.Module, x: Features) -> Features:
         _check_norm(norm)
         if _is_batch_norm(norm):
-            rows = norm(x.grid.gather(x.data)[:, :, None, None]).flatten(1)
-            return Features(x.grid.scatter(rows).contiguous(), x.grid, True)
+            rows = batch_norm_rows(norm, x.grid.gather(x.data))
+            return Features(x.grid.scatter(rows), x.grid, True)
         # a LayerNorm normalises each site alone: dense and then masked equals gather -> LN -> scatter
         if _is_channels_first_layer_norm(norm):
             return Features(norm(x.data) * x.grid.mask, x.grid, True)
@@ -355,9 +413,9 @@ class _SparseOps:
 
     def norm(self, norm: nn.Module, x: Features) -> Features:
         _check_norm(norm)
-        # BatchNorm2d and channels-first LayerNorm see the rows as N one-pixel images: BatchNorm then
-        # takes its statistics (and updates its running ones) over the visible sites, as BN1d would
-        if _is_batch_norm(norm) or _is_channels_first_layer_norm(norm):
+        if _is_batch_norm(norm):
+            return Features(batch_norm_rows(norm, x.data), x.grid, False)
+        if _is_channels_first_layer_norm(norm):  # sees the rows as N one-pixel images
             return Features(norm(x.data[:, :, None, None]).flatten(1), x.grid, False)
         return Features(norm(x.data), x.grid, False)
 
