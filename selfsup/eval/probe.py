@@ -59,10 +59,22 @@ class ProbeTarget:
     step: int = 0
 
 
+class PixelFeatures(torch.nn.Module):
+    """The raw-pixel baseline: the normalised image, flattened (one channel when all three are equal,
+    as for grayscale data stored as RGB)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 3 and torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2]):
+            x = x[:, :1]
+        return x.flatten(1)
+
+
 def load_target(target: str) -> ProbeTarget:
-    """`random:<backbone>`, a .safetensors export, a .ckpt, or a run folder."""
+    """`pixels`, `random:<backbone>`, a .safetensors export, a .ckpt, or a run folder."""
     from selfsup.backbones import create_backbone
 
+    if target == "pixels":
+        return ProbeTarget(PixelFeatures(), "pixels")
     if target.startswith("random:"):
         name = target.split(":", 1)[1]
         torch.manual_seed(0)
@@ -167,8 +179,9 @@ def _log_tensorboard(run_dir: Path, result: dict, step: int) -> None:
 
 
 def run_probe_command(target: str, overrides: list[str]) -> int:
-    if not target.startswith("random:") and not Path(target).exists():
-        raise UserError(f"{target!r} does not exist (give a run folder, a .ckpt, a .safetensors export or random:<backbone>)")
+    if target != "pixels" and not target.startswith("random:") and not Path(target).exists():
+        raise UserError(f"{target!r} does not exist (give a run folder, a .ckpt, a .safetensors export, "
+                        "random:<backbone> or pixels)")
     result = run_probe(target, overrides)
     print(format_table(result, target))
     return 0

@@ -15,6 +15,9 @@ EPILOG = """examples:
   submit probe runs/rotnet-resnet10_s1_w32-20261126-101500 data=fashion_mnist
   submit export runs/rotnet-resnet10_s1_w32-20261126-101500 -o backbone.safetensors
   submit shards ./my_images ./my_shards
+  submit pretrain spark convnext_b cluster=slurm nodes=4 gpus_per_node=8 strategy=deepspeed_stage_2 --dry-run
+  submit status runs/spark-convnext_b-20261126-101500          # its Slurm job(s); `submit status`: recent runs
+  submit logs runs/spark-convnext_b-20261126-101500
 """
 
 
@@ -29,10 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("method", help="a method name (see `submit methods`)")
     p.add_argument("backbone", help="a backbone name (see `submit backbones`)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.batch_size=128")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config (and, with cluster=slurm, the sbatch script) without running or submitting")
 
-    p = sub.add_parser("probe", help="linear probe + k-NN of a run, checkpoint, export or random:<backbone>")
-    p.add_argument("target", help="a run folder, a .ckpt, a .safetensors export, or random:<backbone>")
+    p = sub.add_parser("probe", help="linear probe + k-NN of a run, checkpoint, export, random:<backbone> or pixels")
+    p.add_argument("target", help="a run folder, a .ckpt, a .safetensors export, random:<backbone> (baseline) or pixels (baseline)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=fashion_mnist probe.train_samples=10000")
 
     p = sub.add_parser("export", help="write a run's backbone as timm-ready .safetensors")
@@ -44,6 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="an image folder (class sub-folders give labels) or a built-in dataset name")
     p.add_argument("output", help="the folder to write the shards into")
     p.add_argument("--samples-per-shard", type=int, default=5000)
+
+    p = sub.add_parser("status", help="state of a run's Slurm job(s) and last checkpoint, or a list of recent runs")
+    p.add_argument("run", nargs="?", help="a run folder (default: list the recent runs under --run-dir)")
+    p.add_argument("--run-dir", default="runs", help="where runs are (default: runs)")
+    p.add_argument("--limit", type=int, default=20, help="how many recent runs to list")
+
+    p = sub.add_parser("logs", help="print the stdout/stderr of a run's latest Slurm job")
+    p.add_argument("run", help="a run folder")
+    p.add_argument("--task", type=int, default=0, help="which task (rank) of the job (default: 0)")
+    p.add_argument("--job", default=None, help="a job id of the run (default: the latest)")
+    p.add_argument("--tail", type=int, default=None, help="only the last N lines of each file")
 
     sub.add_parser("backbones", help="list registered backbones")
     sub.add_parser("methods", help="list methods")

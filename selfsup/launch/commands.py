@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -38,26 +39,77 @@ def resolve_pretrain(method: str, backbone: str, overrides: list[str]):
     return cfg, new_run_dir(cfg)
 
 
+# set by `submit pretrain` for the processes that Lightning's local DDP launcher starts (ranks > 0
+# re-run the same command line): they join the parent's run folder and config instead of making new ones
+LAUNCHED_RUN_DIR_ENV = "_SELFSUP_LAUNCHED_RUN_DIR"
+
+
+def _launched_rank_run_dir() -> Path | None:
+    folder = os.environ.get(LAUNCHED_RUN_DIR_ENV)
+    if folder and os.environ.get("LOCAL_RANK", "0") != "0" and (Path(folder) / "config.yaml").exists():
+        return Path(folder)
+    return None
+
+
 def pretrain(args) -> int:
     from selfsup.launch.config import to_yaml
+    from selfsup.launch.executors import prepare_cluster
 
+    launched = _launched_rank_run_dir()
+    if launched is not None:  # a rank > 0 of a local multi-device run
+        from selfsup.launch.train import run_pretrain
+
+        run_pretrain(OmegaConf.load(launched / "config.yaml"), launched)
+        return 0
     cfg, run_dir = resolve_pretrain(args.method, args.backbone, args.overrides)
+    prepare_cluster(cfg, args.overrides, resumed=bool(cfg.resume))
+    on_slurm = cfg.cluster.name == "slurm"
+    if on_slurm:
+        from selfsup.launch.strategies import check_strategy
+
+        check_strategy(cfg, submit_to_slurm=True)
     if args.dry_run:
         print(f"# run folder: {run_dir}")
         print(to_yaml(cfg), end="")
+        if on_slurm:
+            from selfsup.launch.executors import sbatch_script
+
+            print("# ---- the sbatch script submitit would submit (not submitted: --dry-run) ----")
+            print(sbatch_script(cfg, run_dir), end="")
         return 0
-    if not any(o.startswith(("data=", "data.train=", "data.name=")) for o in args.overrides) and not cfg.resume:
+    from selfsup.launch.config import parse_overrides, uses_demo_data
+
+    if uses_demo_data(parse_overrides(args.overrides)) and not cfg.resume:
         print(f"selfsup: no data given: pretraining on the built-in demo data {cfg.data.name!r} "
               f"(pass data=<shards> for your own)")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if on_slurm:
+        return _submit_to_slurm(cfg, run_dir)
     print(f"selfsup: run folder {run_dir}  (tensorboard --logdir {run_dir / 'tb'})", flush=True)
     from selfsup.launch.train import run_pretrain
 
+    os.environ[LAUNCHED_RUN_DIR_ENV] = str(run_dir.absolute())
     result = run_pretrain(cfg, run_dir)
     print(f"selfsup: done at step {result['global_step']}; checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}"
           + (f"; skipped {result['skipped_samples']} corrupt samples" if result["skipped_samples"] else ""))
     return 130 if result["interrupted"] else 0
+
+
+def _submit_to_slurm(cfg, run_dir: Path) -> int:
+    from selfsup.launch.executors import submit_slurm
+
+    job = submit_slurm(cfg, run_dir)
+    shape = f"{job['nodes']} node(s) x {job['tasks_per_node']} task(s)" + (
+        f", {job['gpus_per_node']} GPU(s) per node" if job["gpus_per_node"] else "")
+    print(f"selfsup: submitted Slurm job {job['job_id']} ({shape})")
+    print(f"  run folder:  {run_dir}")
+    print(f"  logs:        {job['stdout']}")
+    print(f"               {job['stderr']}")
+    print(f"  status:      submit status {run_dir}")
+    print(f"  follow logs: submit logs {run_dir}")
+    print(f"  tensorboard --logdir {run_dir / 'tb'}")
+    return 0
 
 
 def probe(args) -> int:
@@ -98,4 +150,23 @@ def methods(args) -> int:
 
     for name, entry in METHODS.items():
         print(f"{name:<12} backbones: {'/'.join(entry.families):<12} {entry.summary}")
+    return 0
+
+
+def status(args) -> int:
+    from selfsup.launch.executors import run_status, runs_table
+
+    if args.run:
+        print(run_status(Path(args.run)))
+    else:
+        print(runs_table(Path(args.run_dir), limit=args.limit))
+    return 0
+
+
+def logs(args) -> int:
+    from selfsup.launch.executors import print_logs
+
+    if not (Path(args.run) / "config.yaml").exists():
+        raise UserError(f"{args.run!r} is not a run folder (no config.yaml in it)")
+    print_logs(Path(args.run), task=args.task, job_id=args.job, tail=args.tail)
     return 0

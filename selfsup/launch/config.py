@@ -126,6 +126,11 @@ def select_data(cfg: DictConfig, value: str) -> DictConfig:
     raise unknown_choice("data (a built-in dataset, or a shard path/pattern)", value, names)
 
 
+def uses_demo_data(pairs: list[tuple[str, str]]) -> bool:
+    """No data given: the run is the demo on built-in data (a method's `demo:` settings apply)."""
+    return not any(k in ("data", "data.name", "data.train") for k, _ in pairs)
+
+
 def compose(method: str, backbone: str, overrides: list[str], base: DictConfig | None = None) -> DictConfig:
     """The resolved run config. `base` (a saved run config, for resume) replaces the file layers."""
     from selfsup.backbones import backbone_names, get_spec
@@ -140,6 +145,7 @@ def compose(method: str, backbone: str, overrides: list[str], base: DictConfig |
         cfg = _load(root / "defaults.yaml")
         method_cfg = _load(root / "method" / f"{method}.yaml")
         per_backbone = method_cfg.pop("backbones", None) or {}
+        demo = method_cfg.pop("demo", None) or {}
         cfg = OmegaConf.merge(cfg, method_cfg, {"backbone": {"name": backbone}})
         if (root / "backbone" / f"{backbone}.yaml").exists():
             cfg = OmegaConf.merge(cfg, _load(root / "backbone" / f"{backbone}.yaml"))
@@ -150,6 +156,8 @@ def compose(method: str, backbone: str, overrides: list[str], base: DictConfig |
             cfg = select_data(cfg, selected["data"])
         elif (root / "data" / f"{cfg.data.name}.yaml").exists():
             cfg = OmegaConf.merge(cfg, _load(root / "data" / f"{cfg.data.name}.yaml"))
+        if uses_demo_data(pairs):
+            cfg = OmegaConf.merge(cfg, demo)
         for group in ("cluster", "strategy"):
             name = selected.get(group, cfg[group].name)
             if name not in available(group):

@@ -10,14 +10,22 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()):
+def cluster_plugins() -> list:
+    """Inside a Slurm allocation: Lightning's SLURMEnvironment for the ranks, with its own
+    auto-requeue off (submitit owns USR2 and the requeue: selfsup/launch/executors.py)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=(), module=None):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from selfsup.launch.callbacks import ImagesPerSecond
     from selfsup.launch.checkpointing import AtomicCheckpointIO, LastCheckpoint
-    from selfsup.launch.strategies import build_strategy
+    from selfsup.launch.strategies import build_strategy, strategy_callbacks, sync_batchnorm
 
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs = {k: v for k, v in trainer_kwargs.items() if v is not None}
@@ -25,41 +33,51 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()):
         LastCheckpoint(run_dir / "checkpoints", cfg.checkpoint_every_n_steps),
         LearningRateMonitor(logging_interval="step"),
         ImagesPerSecond(),
+        *strategy_callbacks(cfg),
         *extra_callbacks,
     ]
     return pl.Trainer(
         **trainer_kwargs,
-        strategy=build_strategy(cfg),
+        strategy=build_strategy(cfg, module),
+        sync_batchnorm=sync_batchnorm(cfg),
         logger=TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False),
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         default_root_dir=str(run_dir),
         enable_checkpointing=False,  # LastCheckpoint owns checkpoints
         use_distributed_sampler=False,  # the shard stream splits data by rank itself
     )
 
 
-def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Pretrain `cfg` in `run_dir`, resuming from its last checkpoint if there is one."""
+def run_pretrain(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) -> dict:
+    """Pretrain `cfg` in `run_dir`, resuming from its last checkpoint if there is one.
+
+    A resumed run re-seeds (augmentations, shard order, shuffle buffer) with the step it resumes
+    from, so that it does not replay the start of the stream it has already seen; Lightning restores
+    the loop state, so an interrupted epoch ends after its remaining batches."""
     import lightning.pytorch as pl
 
     from selfsup.data.stream import ShardDataModule
-    from selfsup.launch.checkpointing import LAST
+    from selfsup.launch.checkpointing import read_last_info, resolve_last
+    from selfsup.launch.strategies import check_strategy
     from selfsup.ssl import method_class
 
     run_dir = Path(run_dir)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    check_strategy(cfg)
+    last = resolve_last(run_dir / "checkpoints")
+    resume_step = int((read_last_info(run_dir / "checkpoints") or {}).get("global_step", 0)) if last else 0
+    seed = cfg.seed + resume_step
+    pl.seed_everything(seed, workers=True, verbose=False)
     method_cls = method_class(cfg.method.name)
-    datamodule = ShardDataModule(cfg.data, train_view=None, seed=cfg.seed)
+    datamodule = ShardDataModule(cfg.data, train_view=None, seed=seed)
     if datamodule.classes is None and cfg.data.name == "shards":
         print("selfsup: the training shards carry no labels: the online probe is off")
     module = method_cls(cfg, num_classes=len(datamodule.classes) if datamodule.classes else None)
     datamodule.train_view = module.train_view()
-    trainer = build_trainer(cfg, run_dir)
-    last = run_dir / "checkpoints" / LAST
-    ckpt_path = str(last) if last.exists() else None
+    trainer = build_trainer(cfg, run_dir, extra_callbacks=extra_callbacks, module=module)
+    ckpt_path = str(last) if last else None
     if ckpt_path:
-        print(f"selfsup: resuming from {last}")
+        print(f"selfsup: resuming from {last}" + (f" (step {resume_step})" if resume_step else ""), flush=True)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     return {"global_step": trainer.global_step, "run_dir": str(run_dir),
             "skipped_samples": int(datamodule.skipped.value), "interrupted": trainer.interrupted}

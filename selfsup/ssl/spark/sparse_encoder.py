@@ -119,9 +119,9 @@ class SiteGrid:
     site, in row-major (b, y, x) order; everything a sparse op needs about the sites is cached here
     (indices, lookup table, spconv rulebooks), so it is built once per forward and resolution."""
 
-    def __init__(self, mask: torch.Tensor, stride: int):
+    def __init__(self, mask: torch.Tensor, stride: int | None = None):
         self.mask = mask  # [B, 1, H, W] bool
-        self.stride = stride  # relative to the input image
+        self.stride = stride  # relative to the input image, where a traversal needs it
         self.batch, _, self.height, self.width = mask.shape
         self._cache: dict = {}
 
@@ -275,13 +275,23 @@ def _drop_path_scale(module: nn.Module | None, batch: int, like: torch.Tensor) -
     return scale
 
 
+def _dense_layout_for(module: nn.Module, dense: torch.Tensor) -> torch.Tensor:
+    """The faster memory layout of a dense map for a depthwise conv on CPU. oneDNN's channels-last
+    depthwise kernel is ~2x faster than NCHW on maps much larger than the kernel but ~3x slower
+    when the map is hardly larger than it (ConvNeXt's last stage: 7x7 kernel on 7x7 maps)."""
+    if dense.device.type != "cpu" or not isinstance(module, nn.Conv2d) or module.groups == 1:
+        return dense
+    small_map = min(dense.shape[-2:]) <= max(module.kernel_size)
+    return dense.contiguous(memory_format=torch.contiguous_format if small_map else torch.channels_last)
+
+
 class _MaskedOps:
     """Dense features; masking after every op that mixes sites (convs, pools, norm statistics).
     Per-site ops (activations, Linear, 1x1 convs in an MLP) cannot move values between sites, so
     they are left unmasked and the ConvNeXt block masks its branch once before the residual add."""
 
     def conv(self, conv: nn.Conv2d, x: Features, out_grid: SiteGrid) -> Features:
-        return Features(conv(x.data) * out_grid.mask, out_grid, True)
+        return Features(conv(_dense_layout_for(conv, x.data)) * out_grid.mask, out_grid, True)
 
     pool = conv
 
@@ -409,7 +419,8 @@ class _SparseOps:
 
     def pool(self, module: nn.Module, x: Features, out_grid: SiteGrid) -> Features:
         """Scatter -> dense op -> gather, for spatial ops without a sparse kernel."""
-        return Features(out_grid.gather(module(x.grid.scatter(x.data))), out_grid, False)
+        dense = _dense_layout_for(module, x.grid.scatter(x.data))
+        return Features(out_grid.gather(module(dense)), out_grid, False)
 
     def norm(self, norm: nn.Module, x: Features) -> Features:
         _check_norm(norm)

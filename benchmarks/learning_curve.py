@@ -1,0 +1,71 @@
+"""Does a method learn? Pretrain for 5, 10 and 15 minutes of wall time (one run, resumed: Lightning's
+Timer state travels in the checkpoint), probe after each, and compare with the baselines: the same
+backbone at random init (its best standard init) and raw pixels. Prints a markdown table.
+
+    python benchmarks/learning_curve.py rotnet resnet10_s1_w32 --minutes 5 10 15 -- trainer.max_steps=2000
+
+Everything after `--` is passed to `submit pretrain`. Probes use the full Fashion-MNIST splits unless
+`--probe key=value ...` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def submit(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "selfsup.launch.cli", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"submit {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def probe(target: str, probe_args: list[str]) -> dict:
+    from selfsup.eval.probe import run_probe
+
+    result = run_probe(target, probe_args)
+    return {"linear": result["linear"]["top1"], "knn": result["knn"]["top1"], "step": result.get("global_step", 0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("method")
+    parser.add_argument("backbone")
+    parser.add_argument("--minutes", type=float, nargs="+", default=[5, 10, 15])
+    parser.add_argument("--run-dir", default="runs/learning")
+    parser.add_argument("--probe", nargs="*", default=["data=fashion_mnist"])
+    parser.add_argument("pretrain", nargs="*", help="overrides for submit pretrain (after --)")
+    args = parser.parse_args()
+
+    run = Path(args.run_dir) / f"{args.method}-{args.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+    rows = []
+    for minutes in args.minutes:
+        max_time = time.strftime("00:%H:%M:%S", time.gmtime(minutes * 60))
+        if not (run / "config.yaml").exists():
+            submit("pretrain", args.method, args.backbone, *args.pretrain, f"trainer.max_time={max_time}",
+                   f"run_dir={run.parent}", f"run_name={run.name}", "trainer.enable_progress_bar=false")
+        else:
+            submit("pretrain", args.method, args.backbone, f"resume={run}", f"trainer.max_time={max_time}")
+        result = probe(str(run), args.probe)
+        rows.append({"minutes": minutes, **result})
+        print(f"after {minutes:g} min (step {result['step']}): linear {result['linear']:.2f}  k-NN {result['knn']:.2f}", flush=True)
+    random_init = probe(f"random:{args.backbone}", args.probe)
+    pixels = probe("pixels", args.probe)
+    best_baseline = max(random_init["linear"], pixels["linear"])
+    print("\n| pretraining | steps | linear top-1 | k-NN top-1 | margin over best baseline |")
+    print("|---|---|---|---|---|")
+    print(f"| raw pixels | - | {pixels['linear']:.2f} | {pixels['knn']:.2f} | |")
+    print(f"| random init ({args.backbone}) | 0 | {random_init['linear']:.2f} | {random_init['knn']:.2f} | |")
+    for r in rows:
+        print(f"| {args.method}, {r['minutes']:g} min | {r['step']} | {r['linear']:.2f} | {r['knn']:.2f} | "
+              f"{r['linear'] - best_baseline:+.2f} |")
+    (run / "learning_curve.json").write_text(json.dumps({"rows": rows, "random_init": random_init, "pixels": pixels}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""RotNet learns: a short pretraining run beats the strongest baseline (the same backbone at random
+init, and raw pixels) in a linear probe on held-out Fashion-MNIST.
+
+The budget is short for CI; the margin asserted is smaller than the 15-minute one reported in the
+README but far outside the noise of a probe on 10,000 test images (std of a top-1 difference there
+is about 0.4 points).
+"""
+
+import pytest
+
+from conftest import run_submit
+from selfsup.data.shards import builtin_shards
+from selfsup.eval.probe import run_probe
+
+BACKBONE = "resnet10_s1_w32"
+STEPS = 500
+MARGIN = 1.5
+
+
+@pytest.mark.slow
+def test_rotnet_beats_random_init_and_pixels(tmp_path):
+    train = builtin_shards("fashion_mnist", "train")
+    probe_args = ["data=fashion_mnist", f"data.train={train}/train-{{000000..000001}}.tar"]  # 10k train images
+    run_submit("pretrain", "rotnet", BACKBONE, f"trainer.max_steps={STEPS}", "trainer.enable_progress_bar=false",
+               f"run_dir={tmp_path}", "run_name=r", timeout=1800, check=True)
+    pretrained = run_probe(str(tmp_path / "r"), probe_args)
+    random_init = run_probe(f"random:{BACKBONE}", probe_args)
+    pixels = run_probe("pixels", probe_args)
+    assert pretrained["test_samples"] == 10000 and pretrained["train_samples"] == 10000
+    best = max(random_init["linear"]["top1"], pixels["linear"]["top1"])
+    print(f"rotnet {pretrained['linear']['top1']:.2f}  random {random_init['linear']['top1']:.2f}  "
+          f"pixels {pixels['linear']['top1']:.2f}")
+    assert pretrained["linear"]["top1"] >= best + MARGIN
