@@ -64,10 +64,9 @@ def pretrain(args) -> int:
     cfg, run_dir = resolve_pretrain(args.method, args.backbone, args.overrides)
     prepare_cluster(cfg, args.overrides, resumed=bool(cfg.resume))
     on_slurm = cfg.cluster.name == "slurm"
-    if on_slurm:
-        from selfsup.launch.strategies import check_strategy
+    from selfsup.launch.strategies import check_strategy
 
-        check_strategy(cfg, submit_to_slurm=True)
+    check_strategy(cfg, submit_to_slurm=on_slurm)  # e.g. DeepSpeed without CUDA: one line, before anything runs
     if args.dry_run:
         print(f"# run folder: {run_dir}")
         print(to_yaml(cfg), end="")

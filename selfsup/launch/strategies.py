@@ -78,7 +78,23 @@ def check_strategy(cfg: DictConfig, *, submit_to_slurm: bool = False) -> None:
 
 
 def sync_batchnorm(cfg: DictConfig) -> bool:
-    return bool(cfg.strategy.get("sync_batchnorm", False) or cfg.method.get("sync_batchnorm", False))
+    """`strategy.sync_batchnorm` (or a method's `method.sync_batchnorm`): BatchNorm statistics over the
+    global batch. GPUs only: torch's DDP refuses SyncBatchNorm on CPU, so there it is off (one line)."""
+    wanted = bool(cfg.strategy.get("sync_batchnorm", False) or cfg.method.get("sync_batchnorm", False))
+    if not wanted:
+        return False
+    accelerator = str(cfg.trainer.accelerator)
+    if accelerator == "cpu" or accelerator == "auto" and not _cuda_available():
+        print("selfsup: SyncBatchNorm needs GPUs (torch's DDP refuses it on CPU): BatchNorm statistics stay per rank",
+              flush=True)
+        return False
+    return True
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:

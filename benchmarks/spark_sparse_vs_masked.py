@@ -1,0 +1,140 @@
+"""SparK's encoder backends side by side: `sparse` (visible sites only) vs `masked` (dense + mask).
+
+For each backbone, times (median of --repeats after --warmup) an encoder forward+backward and a
+full SparK step (encoder + densify + decoder + loss + backward), alternating the two backends
+repeat by repeat so that both see the same machine load. Prints a markdown table.
+
+    python benchmarks/spark_sparse_vs_masked.py                      # CPU, 2 threads, resnet50 + convnext_b
+    python benchmarks/spark_sparse_vs_masked.py --device cuda --batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from selfsup.backbones import create_backbone
+from selfsup.ssl.spark import Densify, LightDecoder, SparseEncoder, densify_norm_for, random_visible_mask, spark_loss
+from selfsup.ssl.spark.sparse_encoder import spconv_or_reason
+
+GOALS = {"resnet50": 0.6, "convnext_b": 0.7}  # sparse / masked, encoder forward+backward, CPU
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description(device: torch.device) -> str:
+    spconv, reason = spconv_or_reason()
+    spconv_text = f"spconv {__import__('spconv').__version__}" if spconv else f"no spconv ({reason})"
+    parts = [f"CPU {cpu_model()} ({os.cpu_count()} cores)", f"torch {torch.__version__}", spconv_text]
+    if device.type == "cuda":
+        parts.insert(0, f"GPU {torch.cuda.get_device_name(device)}")
+    else:
+        parts.append(f"{torch.get_num_threads()} threads")
+    return ", ".join(parts)
+
+
+class Workload:
+    """One backbone at one input size: the same images, mask and modules for both backends."""
+
+    def __init__(self, name: str, args, device: torch.device):
+        generator = torch.Generator().manual_seed(0)
+        self.backbone = create_backbone(name).to(device)
+        stride = self.backbone.total_stride
+        grid = args.pixels // stride
+        self.images = torch.randn(args.batch, 3, args.pixels, args.pixels, generator=generator).to(device)
+        self.active = random_visible_mask(args.batch, grid, grid, args.ratio, generator=generator).to(device)
+        self.encoders = {b: SparseEncoder(self.backbone, b) for b in ("masked", "sparse")}
+        self.densify = Densify(self.backbone.stage_channels, args.width, densify_norm_for(self.backbone)).to(device)
+        self.decoder = LightDecoder(stride, args.width).to(device)
+        self.device = device
+
+    def encoder_step(self, backend: str) -> None:
+        stages = self.encoders[backend](self.images, self.active)
+        sum(s.mean() for s in stages).backward()
+
+    def full_step(self, backend: str) -> None:
+        stages = self.encoders[backend](self.images, self.active)
+        reconstruction = self.decoder(self.densify(stages, self.active))
+        spark_loss(reconstruction, self.images, self.active, self.backbone.total_stride).backward()
+
+    def seconds(self, step, backend: str) -> float:
+        for module in (self.backbone, self.densify, self.decoder):
+            module.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        step(backend)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+
+def measure(workload: Workload, step, repeats: int, warmup: int) -> dict[str, float]:
+    times = {"masked": [], "sparse": []}
+    for i in range(warmup + repeats):
+        for backend in times:  # alternate, so that load changes hit both backends alike
+            elapsed = workload.seconds(step, backend)
+            if i >= warmup:
+                times[backend].append(elapsed)
+    return {backend: statistics.median(values) for backend, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet50", "convnext_b"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--pixels", type=int, default=224)
+    parser.add_argument("--ratio", type=float, default=0.6)
+    parser.add_argument("--width", type=int, default=768, help="decoder width (the spec's 768)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    rows = []
+    for name in args.models:
+        workload = Workload(name, args, device)
+        sparse_runs_as = workload.encoders["sparse"].active_backend(device)
+        for what, step in [("encoder fwd+bwd", workload.encoder_step), ("full step", workload.full_step)]:
+            median = measure(workload, step, args.repeats, args.warmup)
+            rows.append((name, what, median["masked"], median["sparse"], sparse_runs_as))
+            print(f"{name:12s} {what:16s} masked {median['masked']:.3f}s  sparse {median['sparse']:.3f}s", flush=True)
+        del workload
+    load_after = os.getloadavg()[0]
+
+    print()
+    print(
+        f"Machine: {machine_description(device)}. Batch {args.batch}, {args.pixels} px, mask ratio {args.ratio}, "
+        f"decoder width {args.width}; median of {args.repeats} after {args.warmup} warm-up, backends alternated. "
+        f"Load average (1 min) {load_before:.1f} before, {load_after:.1f} after."
+    )
+    print()
+    print("| backbone | measured | masked (s) | sparse (s) | sparse / masked | goal |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, what, masked, sparse, runs_as in rows:
+        goal = GOALS.get(name) if what == "encoder fwd+bwd" and device.type == "cpu" else None
+        note = "" if runs_as == "sparse" else " (sparse fell back to masked)"
+        goal_text = f"<= {goal}" if goal else ""
+        print(f"| {name} | {what}{note} | {masked:.3f} | {sparse:.3f} | {sparse / masked:.2f} | {goal_text} |")
+
+
+if __name__ == "__main__":
+    main()
