@@ -2,9 +2,9 @@
 Timer state travels in the checkpoint), probe after each, and compare with the baselines: the same
 backbone at random init (its best standard init) and raw pixels. Prints a markdown table.
 
-    python benchmarks/learning_curve.py rotnet resnet10_s1_w32 --minutes 5 10 15 -- trainer.max_steps=2000
+    python benchmarks/learning_curve.py rotnet resnet10_s1_w32 --minutes 5 10 15 --pretrain trainer.max_steps=1500
 
-Everything after `--` is passed to `submit pretrain`. Probes use the full Fashion-MNIST splits unless
+`--pretrain` overrides go to `submit pretrain`. Probes use the full Fashion-MNIST splits unless
 `--probe key=value ...` says otherwise.
 """
 
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, nargs="+", default=[5, 10, 15])
     parser.add_argument("--run-dir", default="runs/learning")
     parser.add_argument("--probe", nargs="*", default=["data=fashion_mnist"])
-    parser.add_argument("pretrain", nargs="*", help="overrides for submit pretrain (after --)")
+    parser.add_argument("--pretrain", nargs="*", default=["data=fashion_mnist"], help="overrides for submit pretrain")
     args = parser.parse_args()
 
     run = Path(args.run_dir) / f"{args.method}-{args.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"

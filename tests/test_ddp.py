@@ -108,7 +108,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert all(torch.equal(ckpt["state_dict"][k], w0[k]) for k in params)  # rank 0 wrote the checkpoint
 
 
-def test_sync_batchnorm_wiring():
+def test_sync_batchnorm_wiring(monkeypatch):
     """strategy.sync_batchnorm reaches Trainer(sync_batchnorm=...) where it can run (GPUs), and is a
     one-line notice, not a crash, on CPU (torch's DDP refuses SyncBatchNorm there)."""
     from selfsup.launch.config import compose
@@ -120,5 +120,12 @@ def test_sync_batchnorm_wiring():
     cpu = compose("rotnet", "resnet_tiny", ["strategy=ddp", "strategy.sync_batchnorm=true", "trainer.accelerator=cpu",
                                             "trainer.devices=2"])
     assert sync_batchnorm(cpu) is False
-    assert build_trainer(cpu, Path("/tmp/unused"))._accelerator_connector.sync_batchnorm is False
+    assert build_trainer(cpu, Path("/tmp/unused")).strategy._layer_sync is None
     assert sync_batchnorm(compose("rotnet", "resnet_tiny", ["strategy=ddp"])) is False
+
+    import lightning.pytorch as pl
+
+    seen = {}
+    monkeypatch.setattr(pl, "Trainer", lambda **kwargs: seen.update(kwargs))
+    build_trainer(gpu, Path("/tmp/unused"))
+    assert seen["sync_batchnorm"] is True and seen["devices"] == 1 and seen["accelerator"] == "gpu"

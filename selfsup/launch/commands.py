@@ -134,12 +134,15 @@ def shards(args) -> int:
 
 
 def backbones(args) -> int:
+    import torch
+
     from selfsup.backbones import backbone_names, create_backbone, get_spec
 
     print(f"{'name':<20} {'family':<8} {'params':>10}  timm name / description")
     for name in backbone_names():
         spec = get_spec(name)
-        params = sum(p.numel() for p in create_backbone(name).parameters())
+        with torch.device("meta"):  # shapes only: no memory, no random init
+            params = sum(p.numel() for p in create_backbone(name).parameters())
         print(f"{name:<20} {spec.family:<8} {params / 1e6:>9.2f}M  {spec.timm_name}: {spec.description}")
     return 0
 

@@ -145,7 +145,8 @@ def prepare_cluster(cfg: DictConfig, overrides: list[str] = (), resumed: bool = 
     if cfg.cluster.name == "auto":
         cfg.cluster.name = "slurm" if slurm_answers() else "local"
         print(f"selfsup: cluster=auto -> cluster={cfg.cluster.name}"
-              + (" (a Slurm controller answers)" if cfg.cluster.name == "slurm" else " (no Slurm controller answers)"))
+              + (" (a Slurm controller answers)" if cfg.cluster.name == "slurm" else " (no Slurm controller answers)"),
+              file=sys.stderr)
     if cfg.cluster.name == "local":
         nodes = int(cfg.cluster.get("nodes") or 1)
         if nodes > 1:

@@ -1,0 +1,52 @@
+"""The command line: fast start, one-line errors with exit code 2, listings."""
+
+import subprocess
+import sys
+import time
+
+from conftest import run_submit
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = ("import sys\nfrom selfsup.launch.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules and 'lightning' not in sys.modules, 'heavy import at start-up'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "selfsup.launch.cli", "--help"], check=True, capture_output=True)
+        best = min(best, time.perf_counter() - start)
+    assert best < 0.5, f"submit --help took {best:.2f}s"
+
+
+def one_line_error(proc):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def test_unknown_backbone_names_the_nearest():
+    line = one_line_error(run_submit("pretrain", "rotnet", "nosuchnet"))
+    assert "'nosuchnet'" in line and "did you mean" in line and "resnet18" in line
+
+
+def test_unknown_key_names_the_nearest():
+    line = one_line_error(run_submit("pretrain", "rotnet", "resnet18", "optim.lrr=1"))
+    assert "'optim.lrr'" in line and "did you mean 'optim.lr'" in line
+
+
+def test_bad_type_and_unknown_method_and_data():
+    assert "expects a number" in one_line_error(run_submit("pretrain", "rotnet", "resnet18", "optim.lr=fast"))
+    assert "'rotnett'" in one_line_error(run_submit("pretrain", "rotnett", "resnet18"))
+    assert "fashion_mnist" in one_line_error(run_submit("pretrain", "rotnet", "resnet18", "data=fashion"))
+    assert "key=value" in one_line_error(run_submit("pretrain", "rotnet", "resnet18", "lr"))
+
+
+def test_listings():
+    out = run_submit("backbones", check=True).stdout
+    for name in ("resnet18", "resnet50", "convnext_b", "vit_t", "resnet10_s1_w32"):
+        assert name in out
+    assert "convnet" in out and "vit" in out and "87.57M" in out  # convnext_b's parameter count
+    assert "rotnet" in run_submit("methods", check=True).stdout
