@@ -47,7 +47,9 @@ def main() -> None:
     for minutes in args.minutes:
         max_time = time.strftime("00:%H:%M:%S", time.gmtime(minutes * 60))
         if not (run / "config.yaml").exists():
+            # max_epochs=-1: each timed stop ends Lightning's current epoch, so only max_steps may bound the run
             submit("pretrain", args.method, args.backbone, *args.pretrain, f"trainer.max_time={max_time}",
+                   "trainer.max_epochs=-1",
                    f"run_dir={run.parent}", f"run_name={run.name}", "trainer.enable_progress_bar=false")
         else:
             submit("pretrain", args.method, args.backbone, f"resume={run}", f"trainer.max_time={max_time}")

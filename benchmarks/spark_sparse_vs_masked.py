@@ -5,7 +5,12 @@ full SparK step (encoder + densify + decoder + loss + backward), alternating the
 repeat by repeat so that both see the same machine load. Prints a markdown table.
 
     python benchmarks/spark_sparse_vs_masked.py                      # CPU, 2 threads, resnet50 + convnext_b
+    python benchmarks/spark_sparse_vs_masked.py --threads 1 --clock cpu   # CPU time: robust on a shared machine
     python benchmarks/spark_sparse_vs_masked.py --device cuda --batch 32
+
+On a machine shared with other jobs, wall-clock times of 2 threads suffer from preemption (a
+parallel region waits for its slowest thread), and the sparse backend, which runs many more small
+ops, suffers more; `--threads 1 --clock cpu` measures the CPU time of one thread instead.
 """
 
 from __future__ import annotations
@@ -71,23 +76,23 @@ class Workload:
         reconstruction = self.decoder(self.densify(stages, self.active))
         spark_loss(reconstruction, self.images, self.active, self.backbone.total_stride).backward()
 
-    def seconds(self, step, backend: str) -> float:
+    def seconds(self, step, backend: str, clock) -> float:
         for module in (self.backbone, self.densify, self.decoder):
             module.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
+        start = clock()
         step(backend)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return time.perf_counter() - start
+        return clock() - start
 
 
-def measure(workload: Workload, step, repeats: int, warmup: int) -> dict[str, float]:
+def measure(workload: Workload, step, repeats: int, warmup: int, clock) -> dict[str, float]:
     times = {"masked": [], "sparse": []}
     for i in range(warmup + repeats):
         for backend in times:  # alternate, so that load changes hit both backends alike
-            elapsed = workload.seconds(step, backend)
+            elapsed = workload.seconds(step, backend, clock)
             if i >= warmup:
                 times[backend].append(elapsed)
     return {backend: statistics.median(values) for backend, values in times.items()}
@@ -104,7 +109,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: CPU time of one thread")
     args = parser.parse_args()
+    if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
+        parser.error("--clock cpu measures one thread's CPU time: use it with --threads 1 on the CPU")
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
 
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -114,7 +123,7 @@ def main() -> None:
         workload = Workload(name, args, device)
         sparse_runs_as = workload.encoders["sparse"].active_backend(device)
         for what, step in [("encoder fwd+bwd", workload.encoder_step), ("full step", workload.full_step)]:
-            median = measure(workload, step, args.repeats, args.warmup)
+            median = measure(workload, step, args.repeats, args.warmup, clock)
             rows.append((name, what, median["masked"], median["sparse"], sparse_runs_as))
             print(f"{name:12s} {what:16s} masked {median['masked']:.3f}s  sparse {median['sparse']:.3f}s", flush=True)
         del workload
@@ -123,7 +132,8 @@ def main() -> None:
     print()
     print(
         f"Machine: {machine_description(device)}. Batch {args.batch}, {args.pixels} px, mask ratio {args.ratio}, "
-        f"decoder width {args.width}; median of {args.repeats} after {args.warmup} warm-up, backends alternated. "
+        f"decoder width {args.width}; {'wall-clock' if args.clock == 'wall' else 'CPU'} time, median of "
+        f"{args.repeats} after {args.warmup} warm-up, backends alternated. "
         f"Load average (1 min) {load_before:.1f} before, {load_after:.1f} after."
     )
     print()

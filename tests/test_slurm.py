@@ -181,3 +181,32 @@ def test_auto_picks_slurm_when_a_controller_answers(slurm, tmp_path):
                       env={"SLURM_CONF": str(tmp_path / "no-such.conf")})
     assert "cluster=auto -> cluster=local" in proc.stderr and "#SBATCH" not in proc.stdout
     assert yaml.safe_load(proc.stdout)["cluster"]["name"] == "local"
+
+
+def test_two_tasks_ddp_on_slurm_checkpoint_together_and_resume(slurm, tmp_path):
+    """2 tasks (ranks from Lightning's SLURMEnvironment) on the node, DDP on CPU: both ranks save at the
+    same step on USR2, rank 0 requeues, both resume, and the run ends at the uninterrupted step."""
+    run_submit("shards", "digits", tmp_path / "shards", "--samples-per-shard", 180, check=True)
+    run = tmp_path / "runs" / "t2"
+    proc = run_submit("pretrain", "rotnet", "resnet_tiny", f"data={tmp_path / 'shards' / 'train'}", "data.batch_size=16",
+                      "data.num_workers=0", f"data.epoch_samples={2 * 16 * BATCHES_PER_EPOCH}", f"trainer.max_epochs={EPOCHS}",
+                      "checkpoint_every_n_steps=4", "images_every_n_steps=0", "trainer.enable_progress_bar=false",
+                      "cluster=slurm", "cluster.profile=local", "cluster.tasks_per_node=2", "strategy=ddp",
+                      f"run_dir={tmp_path / 'runs'}", "run_name=t2", check=True)
+    job_id = re.search(r"submitted Slurm job (\d+) \(1 node\(s\) x 2 task\(s\)\)", proc.stdout).group(1)
+    info = run / "checkpoints" / "last.json"
+    _wait(lambda: info.exists() and json.loads(info.read_text())["global_step"] >= 12, 240, "step 12 in the Slurm job")
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    final = _wait(lambda: (s := _sacct_states(job_id)) and s[-1] not in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING")
+                  and len(s) > 1 and s, 300, "the requeued job to end")
+    assert final[-1] == "COMPLETED" and "REQUEUED" in final[:-1], final
+    steps = []
+    for task in (0, 1):
+        out = run_submit("logs", run, "--task", task, check=True).stdout
+        assert f"global_rank={task}(2)" in out
+        saved = re.findall(r"SIGUSR2 received: checkpoint saved at step (\d+)", out)
+        assert len(saved) == 1 and f"resuming from {run / 'checkpoints' / 'last.ckpt'} (step {saved[0]})" in out, out[-2000:]
+        steps.append(int(saved[0]))
+    assert steps[0] == steps[1]  # the ranks agreed on the step
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == EPOCHS * BATCHES_PER_EPOCH

@@ -40,3 +40,50 @@ def selfsup_resnet10_s1_w32(pretrained: bool = False, **kwargs):
 @register_model
 def selfsup_resnet_tiny(pretrained: bool = False, **kwargs):
     return _stride1_resnet((1, 1, 1, 1), (8, 16, 32, 64), **kwargs)
+
+
+class ConvNet4(nn.Module):
+    """Four conv3x3-BN-ReLU-maxpool blocks and global average pooling: the plain CPU convnet of the
+    calibration runs (DESIGN.md). Its stages are exposed like a timm model's (`feature_info`,
+    `forward_intermediates`) so it has the registry's face."""
+
+    def __init__(self, in_chans: int = 3, widths=(32, 64, 128, 256), num_classes: int = 0, **_):
+        super().__init__()
+        blocks, prev = [], in_chans
+        for width in widths:
+            blocks.append(nn.Sequential(
+                nn.Conv2d(prev, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ))
+            prev = width
+        self.stages = nn.Sequential(*blocks)
+        self.num_features = prev
+        self.feature_info = [dict(num_chs=w, reduction=2 ** (i + 1), module=f"stages.{i}") for i, w in enumerate(widths)]
+        self.head = nn.Linear(prev, num_classes) if num_classes else nn.Identity()
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_features(self, x):
+        return self.stages(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        x = x.mean((-2, -1))
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, x, indices=None, intermediates_only: bool = True):
+        outs = []
+        for block in self.stages:
+            x = block(x)
+            outs.append(x)
+        return [outs[i] for i in (indices if indices is not None else range(len(outs)))]
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+@register_model
+def selfsup_convnet4(pretrained: bool = False, **kwargs):
+    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(timm_only, None)
+    return ConvNet4(**kwargs)

@@ -35,6 +35,7 @@ def write_shards(
     samples_per_shard: int = 5000,
     classes: list[str] | None = None,
     desc: str = "writing shards",
+    keep_existing: bool = False,
 ) -> list[Path]:
     """Write `samples` (dicts in webdataset form) as `out_dir/<prefix>-000000.tar`, ... atomically."""
     import webdataset as wds
@@ -42,8 +43,9 @@ def write_shards(
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # a temporary folder of this writer's own: the ranks of a multi-process job may write the same
+    # built-in dataset at the same time (the first complete one wins, see below)
+    tmp = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}-{os.urandom(4).hex()}")
     tmp.mkdir(parents=True)
     counts: list[int] = []
     with wds.ShardWriter(str(tmp / f"{prefix}-%06d.tar"), maxcount=samples_per_shard, verbose=0) as sink:
@@ -56,8 +58,16 @@ def write_shards(
     index = {"shards": dict(zip(shards, counts, strict=True)), "classes": classes}
     (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1))
     if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+        if keep_existing and (out_dir / INDEX_FILE).exists():  # another writer finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return [out_dir / s for s in shards]
+        shutil.rmtree(out_dir, ignore_errors=True)
+    try:
+        tmp.rename(out_dir)
+    except OSError:  # another writer renamed its complete copy into place first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out_dir / INDEX_FILE).exists():
+            raise
     return [out_dir / s for s in shards]
 
 
@@ -87,7 +97,8 @@ def builtin_shards(name: str, split: str, cache_dir: str | Path | None = None) -
     if not (folder / INDEX_FILE).exists():
         samples, total, classes = builtin_samples(name, split)
         print(f"selfsup: writing built-in dataset {name}/{split} as shards into {folder} (once)", flush=True)
-        write_shards(samples, folder, prefix=split, total=total, classes=classes, desc=f"{name}/{split}")
+        write_shards(samples, folder, prefix=split, total=total, classes=classes, desc=f"{name}/{split}",
+                     keep_existing=True)
     return folder
 
 

@@ -270,7 +270,10 @@ class PretrainJob(_Checkpointable):
                 if callable(submitit_handler):
                     submitit_handler(flag.signum, None)  # checkpoint() -> scontrol requeue -> sys.exit
                 raise SystemExit(-1)  # no submitit handler (not under submitit): just stop
-            time.sleep(300)  # the requeue stops this task; exiting first could end the step (KillOnBadExit)
+            # the requeue stops this task (SIGTERM, default action: no Lightning handler that would try a
+            # collective with the departed rank 0); exiting first could end the step (KillOnBadExit=1)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            time.sleep(300)
             raise SystemExit(-1)
 
         return run_pretrain(cfg, self.run_dir, extra_callbacks=[RequeueOnSignal(flag, hand_over)])

@@ -178,7 +178,8 @@ class SiteGrid:
         return dense.flatten(2)[batch, :, pixel]
 
     def scatter(self, rows: torch.Tensor) -> torch.Tensor:
-        """[N, C] -> [B, C, H, W] (channels-last memory), zeros at masked sites."""
+        """[N, C] -> [B, C, H, W], zeros at masked sites; channels-last memory, where the rows
+        are copied without a transpose."""
         channels = rows.shape[1]
         dense = rows.new_zeros(self.batch * self.height * self.width, channels).index_copy(0, self.flat, rows)
         return dense.view(self.batch, self.height, self.width, channels).permute(0, 3, 1, 2)
@@ -226,6 +227,12 @@ def _is_channels_first_layer_norm(module: nn.Module) -> bool:
     return isinstance(module, LayerNorm2d)
 
 
+def _is_channels_last_layer_norm(module: nn.Module) -> bool:
+    from timm.layers import LayerNorm
+
+    return type(module) in (nn.LayerNorm, LayerNorm)
+
+
 def batch_norm_rows(bn: nn.modules.batchnorm._BatchNorm, rows: torch.Tensor) -> torch.Tensor:
     """`bn` (a BatchNorm2d, with its parameters and running statistics) applied to rows `[N, C]` of
     visible sites, as BatchNorm1d would: statistics and running-statistics updates from these rows.
@@ -253,8 +260,12 @@ def batch_norm_rows(bn: nn.modules.batchnorm._BatchNorm, rows: torch.Tensor) -> 
     )
 
 
+def _is_norm(module: nn.Module) -> bool:
+    return _is_batch_norm(module) or _is_channels_first_layer_norm(module) or _is_channels_last_layer_norm(module)
+
+
 def _check_norm(module: nn.Module) -> None:
-    if not (_is_batch_norm(module) or isinstance(module, nn.LayerNorm)):
+    if not _is_norm(module):
         raise NotImplementedError(f"SparK's sparse encoder has no sparse form of {type(module).__name__}")
 
 
@@ -299,7 +310,10 @@ class _MaskedOps:
         _check_norm(norm)
         if _is_batch_norm(norm):
             rows = batch_norm_rows(norm, x.grid.gather(x.data))
-            return Features(x.grid.scatter(rows), x.grid, True)
+            # back to NCHW, timm's layout: torch 2.14's oneDNN crashes (heap corruption) in the
+            # backward of a 1x1 stride-2 conv on a channels-last map with 8 input channels, 64x64
+            # or larger (resnet_tiny's first downsample at 64 px)
+            return Features(x.grid.scatter(rows).contiguous(), x.grid, True)
         # a LayerNorm normalises each site alone: dense and then masked equals gather -> LN -> scatter
         if _is_channels_first_layer_norm(norm):
             return Features(norm(x.data) * x.grid.mask, x.grid, True)
@@ -365,7 +379,9 @@ class _SparseOps:
     def conv(self, conv: nn.Conv2d, x: Features, out_grid: SiteGrid) -> Features:
         if x.dense:  # the image: a stem conv over 3 channels, cheapest dense
             return Features(out_grid.gather(conv(x.data)), out_grid, False)
-        if conv.groups != 1:  # spconv has no grouped/depthwise kernel
+        if conv.groups != 1 or type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
+            # spconv has no grouped/depthwise kernel; subclasses (e.g. timm's dynamic "same"
+            # padding) and non-zero padding have their own forward, so run that on a dense map
             return self.pool(conv, x, out_grid)
         if conv.kernel_size == (1, 1) and conv.padding == (0, 0):
             return Features(self._pointwise_conv(conv, x, out_grid), out_grid, False)
@@ -395,7 +411,7 @@ class _SparseOps:
         # spconv's weight layout is (out, kh, kw, in); the permute is differentiable, so gradients
         # land on the backbone's own (out, in, kh, kw) weight
         weight = conv.weight.permute(0, 2, 3, 1).contiguous()
-        rows = x.data.contiguous()
+        rows = x.data.to(weight.dtype).contiguous()  # rows of a CPU-autocast Linear are bfloat16
         (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
         same_size = conv.stride == (1, 1) and conv.padding == ((kh - 1) // 2 * dh, (kw - 1) // 2 * dw)
         if same_size and kh % 2 and kw % 2:
@@ -480,7 +496,7 @@ def _run_sequence(modules, ops, x: Features, sites: VisibleSites) -> Features:
     for module in modules:
         if isinstance(module, nn.Conv2d):
             x = ops.conv(module, x, sites.at(x.grid.stride * _conv_stride(module)))
-        elif _is_batch_norm(module) or isinstance(module, nn.LayerNorm):
+        elif _is_norm(module):
             x = ops.norm(module, x)
         elif isinstance(module, (nn.ReLU, nn.GELU, nn.Identity)):
             x = ops.pointwise(module, x)
