@@ -6,6 +6,7 @@ repeat by repeat so that both see the same machine load. Prints a markdown table
 
     python benchmarks/spark_sparse_vs_masked.py                      # CPU, 2 threads, resnet50 + convnext_b
     python benchmarks/spark_sparse_vs_masked.py --threads 1 --clock cpu   # CPU time: robust on a shared machine
+    python benchmarks/spark_sparse_vs_masked.py --conv-engines gather spconv   # both sparse engines
     python benchmarks/spark_sparse_vs_masked.py --device cuda --batch 32
 
 On a machine shared with other jobs, wall-clock times of 2 threads suffer from preemption (a
@@ -25,7 +26,7 @@ import torch
 
 from selfsup.backbones import create_backbone
 from selfsup.ssl.spark import Densify, LightDecoder, SparseEncoder, densify_norm_for, random_visible_mask, spark_loss
-from selfsup.ssl.spark.sparse_encoder import spconv_or_reason
+from selfsup.ssl.spark.sparse_encoder import CONV_ENGINES, spconv_or_reason
 
 GOALS = {"resnet50": 0.6, "convnext_b": 0.7}  # sparse / masked, encoder forward+backward, CPU
 
@@ -53,7 +54,8 @@ def machine_description(device: torch.device) -> str:
 
 
 class Workload:
-    """One backbone at one input size: the same images, mask and modules for both backends."""
+    """One backbone at one input size: the same images, mask and modules for every variant
+    ("masked", and "sparse/<engine>" for each conv engine)."""
 
     def __init__(self, name: str, args, device: torch.device):
         generator = torch.Generator().manual_seed(0)
@@ -62,40 +64,42 @@ class Workload:
         grid = args.pixels // stride
         self.images = torch.randn(args.batch, 3, args.pixels, args.pixels, generator=generator).to(device)
         self.active = random_visible_mask(args.batch, grid, grid, args.ratio, generator=generator).to(device)
-        self.encoders = {b: SparseEncoder(self.backbone, b) for b in ("masked", "sparse")}
+        self.encoders = {"masked": SparseEncoder(self.backbone, "masked")}
+        for engine in args.conv_engines:
+            self.encoders[f"sparse/{engine}"] = SparseEncoder(self.backbone, "sparse", engine)
         self.densify = Densify(self.backbone.stage_channels, args.width, densify_norm_for(self.backbone)).to(device)
         self.decoder = LightDecoder(stride, args.width).to(device)
         self.device = device
 
-    def encoder_step(self, backend: str) -> None:
-        stages = self.encoders[backend](self.images, self.active)
+    def encoder_step(self, variant: str) -> None:
+        stages = self.encoders[variant](self.images, self.active)
         sum(s.mean() for s in stages).backward()
 
-    def full_step(self, backend: str) -> None:
-        stages = self.encoders[backend](self.images, self.active)
+    def full_step(self, variant: str) -> None:
+        stages = self.encoders[variant](self.images, self.active)
         reconstruction = self.decoder(self.densify(stages, self.active))
         spark_loss(reconstruction, self.images, self.active, self.backbone.total_stride).backward()
 
-    def seconds(self, step, backend: str, clock) -> float:
+    def seconds(self, step, variant: str, clock) -> float:
         for module in (self.backbone, self.densify, self.decoder):
             module.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = clock()
-        step(backend)
+        step(variant)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return clock() - start
 
 
 def measure(workload: Workload, step, repeats: int, warmup: int, clock) -> dict[str, float]:
-    times = {"masked": [], "sparse": []}
+    times = {variant: [] for variant in workload.encoders}
     for i in range(warmup + repeats):
-        for backend in times:  # alternate, so that load changes hit both backends alike
-            elapsed = workload.seconds(step, backend, clock)
+        for variant in times:  # alternate, so that load changes hit every variant alike
+            elapsed = workload.seconds(step, variant, clock)
             if i >= warmup:
-                times[backend].append(elapsed)
-    return {backend: statistics.median(values) for backend, values in times.items()}
+                times[variant].append(elapsed)
+    return {variant: statistics.median(values) for variant, values in times.items()}
 
 
 def main() -> None:
@@ -109,6 +113,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--conv-engines", nargs="+", default=["gather"], choices=CONV_ENGINES, help="sparse variants to time"
+    )
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: CPU time of one thread")
     args = parser.parse_args()
     if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
@@ -121,11 +128,15 @@ def main() -> None:
     rows = []
     for name in args.models:
         workload = Workload(name, args, device)
-        sparse_runs_as = workload.encoders["sparse"].active_backend(device)
+        # name the engine that ran (spconv falls back to gather where it cannot run)
+        labels = {
+            v: f"sparse, {e.conv_engine_for(device)} engine" if v != "masked" else "masked"
+            for v, e in workload.encoders.items()
+        }
         for what, step in [("encoder fwd+bwd", workload.encoder_step), ("full step", workload.full_step)]:
             median = measure(workload, step, args.repeats, args.warmup, clock)
-            rows.append((name, what, median["masked"], median["sparse"], sparse_runs_as))
-            print(f"{name:12s} {what:16s} masked {median['masked']:.3f}s  sparse {median['sparse']:.3f}s", flush=True)
+            rows.append((name, what, {labels[v]: t for v, t in median.items()}))
+            print(f"{name:12s} {what:16s} " + "  ".join(f"{labels[v]} {t:.3f}s" for v, t in median.items()), flush=True)
         del workload
     load_after = os.getloadavg()[0]
 
@@ -133,17 +144,18 @@ def main() -> None:
     print(
         f"Machine: {machine_description(device)}. Batch {args.batch}, {args.pixels} px, mask ratio {args.ratio}, "
         f"decoder width {args.width}; {'wall-clock' if args.clock == 'wall' else 'CPU'} time, median of "
-        f"{args.repeats} after {args.warmup} warm-up, backends alternated. "
+        f"{args.repeats} after {args.warmup} warm-up, variants alternated. "
         f"Load average (1 min) {load_before:.1f} before, {load_after:.1f} after."
     )
     print()
-    print("| backbone | measured | masked (s) | sparse (s) | sparse / masked | goal |")
-    print("|---|---|---:|---:|---:|---:|")
-    for name, what, masked, sparse, runs_as in rows:
+    sparse_labels = [label for label in rows[0][2] if label != "masked"]
+    header = "| backbone | measured | masked (s) | " + " | ".join(f"{l} (s) | / masked" for l in sparse_labels)
+    print(header + " | goal |")
+    print("|---|---|---:|" + "---:|---:|" * len(sparse_labels) + "---:|")
+    for name, what, times in rows:
         goal = GOALS.get(name) if what == "encoder fwd+bwd" and device.type == "cpu" else None
-        note = "" if runs_as == "sparse" else " (sparse fell back to masked)"
-        goal_text = f"<= {goal}" if goal else ""
-        print(f"| {name} | {what}{note} | {masked:.3f} | {sparse:.3f} | {sparse / masked:.2f} | {goal_text} |")
+        cells = " | ".join(f"{times[l]:.3f} | {times[l] / times['masked']:.2f}" for l in sparse_labels)
+        print(f"| {name} | {what} | {times['masked']:.3f} | {cells} | {f'<= {goal}' if goal else ''} |")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ init, and raw pixels) in a linear probe on held-out Fashion-MNIST.
 
 The budget is short for CI; the margin asserted is smaller than the 15-minute one reported in the
 README but far outside the noise of a probe on 10,000 test images (std of a top-1 difference there
-is about 0.4 points).
+is about 0.4 points). Measured here: 300 steps -> 85.3 vs random init 83.5 (probe on 10k train images).
 """
 
 import pytest
@@ -12,12 +12,13 @@ from conftest import run_submit
 from selfsup.data.shards import builtin_shards
 from selfsup.eval.probe import run_probe
 
-BACKBONE = "resnet10_s1_w32"
-STEPS = 500
-MARGIN = 1.5
+BACKBONE = "convnet4"  # the plain CPU convnet: ~300 RotNet steps are minutes on 2 cores
+STEPS = 300
+MARGIN = 1.0
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_rotnet_beats_random_init_and_pixels(tmp_path):
     train = builtin_shards("fashion_mnist", "train")
     probe_args = ["data=fashion_mnist", f"data.train={train}/train-{{000000..000001}}.tar"]  # 10k train images

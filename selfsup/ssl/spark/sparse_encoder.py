@@ -10,10 +10,11 @@ Two backends implement the same primitive operations (`_MaskedOps`, `_SparseOps`
 - `masked`: the paper's simulation. Features are dense `[B, C, H, W]`; spatial ops (convs, pools)
   run dense and their output is multiplied by the mask; BatchNorm statistics come from the visible
   positions only (gather -> norm -> scatter).
-- `sparse`: features are rows `[N_visible, C]` of the visible sites only. Convolutions with
-  groups == 1 run in spconv on the backbone's own weights; pointwise convs, Linear layers, norms and
-  activations run on the rows; depthwise convs and max-pools (no spconv kernel) scatter to a dense
-  map, run dense, and gather back.
+- `sparse`: features are rows `[N_visible, C]` of the visible sites only. Ordinary convolutions
+  read each output's neighbours from the rows: by one gather and one GEMM in torch (`gather`
+  engine, any device) or in spconv (`spconv` engine) on the backbone's own weights; pointwise
+  convs, Linear layers, norms and activations run on the rows; depthwise convs and max-pools (no
+  sparse kernel) scatter to a dense map, run dense, and gather back.
 
 A site is visible when its cell of the total-stride grid is; the input image is multiplied by the
 mask upsampled to pixels. The backends agree to float rounding (tests/test_spark_parts.py).
@@ -33,6 +34,7 @@ from torch import nn
 from selfsup.ssl.spark.masking import upsample_mask
 
 BACKENDS = ("masked", "sparse")
+CONV_ENGINES = ("gather", "spconv")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -344,48 +346,94 @@ class _MaskedOps:
         return x.data
 
 
-def _strided_rulebook(in_grid: SiteGrid, out_grid: SiteGrid, conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """spconv's (pairs [2, kh*kw, N_out] int32, counts [kh*kw] int32) for `conv` from `in_grid`'s
-    sites to exactly `out_grid`'s sites. spconv's own rulebook of a strided conv would also create
-    every masked output site that a visible input touches; building it here keeps the outputs to
-    the visible sites of the coarser mask (so no work is spent on sites that are zeroed anyway)."""
+# --------------------------------------------------------------------------------------------------
+# sparse convolutions: two engines over the same neighbour table
+
+
+def _input_rows(in_grid: SiteGrid, out_grid: SiteGrid, conv: nn.Conv2d) -> torch.Tensor:
+    """[N_out, kh*kw] long: for each visible output site and kernel offset ((ky, kx) row-major, as
+    a weight (out, kh, kw, in) is laid out), the row of the input site it reads, -1 where that site
+    is masked or off the map. Outputs are exactly `out_grid`'s sites: a strided conv creates no
+    output at masked sites (spconv's own strided rulebook would, wherever a visible input reaches)."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
     device = out_grid.mask.device
     batch, y, x = out_grid.coords.unbind(1)
-    # [kh*kw, N_out]: input coordinates read by each kernel offset, offsets in (ky, kx) row-major
-    # order, which is how spconv lays out a weight (out, kh, kw, in)
-    in_y = (y * sh - ph).unsqueeze(0) + (torch.arange(kh, device=device) * dh).repeat_interleave(kw).unsqueeze(1)
-    in_x = (x * sw - pw).unsqueeze(0) + (torch.arange(kw, device=device) * dw).repeat(kh).unsqueeze(1)
+    in_y = (y * sh - ph).unsqueeze(1) + (torch.arange(kh, device=device) * dh).repeat_interleave(kw)
+    in_x = (x * sw - pw).unsqueeze(1) + (torch.arange(kw, device=device) * dw).repeat(kh)
     inside = (in_y >= 0) & (in_y < in_grid.height) & (in_x >= 0) & (in_x < in_grid.width)
-    flat = (batch.unsqueeze(0) * in_grid.height + in_y.clamp(0, in_grid.height - 1)) * in_grid.width + in_x.clamp(
-        0, in_grid.width - 1
-    )
-    in_rows = torch.where(inside, in_grid.row_lookup[flat], -1)
+    in_y, in_x = in_y.clamp(0, in_grid.height - 1), in_x.clamp(0, in_grid.width - 1)
+    flat = (batch.unsqueeze(1) * in_grid.height + in_y) * in_grid.width + in_x
+    return torch.where(inside, in_grid.row_lookup[flat], -1)
+
+
+def _gather_table(in_grid: SiteGrid, out_grid: SiteGrid, conv: nn.Conv2d) -> torch.Tensor:
+    """[N_out * kh*kw]: `_input_rows` with N_in (a zero row appended to the input) for -1."""
+    rows = _input_rows(in_grid, out_grid, conv)
+    return torch.where(rows >= 0, rows, in_grid.num_sites).reshape(-1)
+
+
+def _spconv_rulebook(in_grid: SiteGrid, out_grid: SiteGrid, conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """spconv's (pairs [2, kh*kw, N_out] int32, counts [kh*kw] int32): per offset, the (input row,
+    output row) pairs whose input is visible, first and in output order."""
+    in_rows = _input_rows(in_grid, out_grid, conv).t()
     valid = in_rows >= 0
-    # per offset, the valid pairs first (stable: in output order)
     order = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)
-    valid_sorted = valid.gather(1, order)
-    out_rows = torch.where(valid_sorted, order, -1)
+    out_rows = torch.where(valid.gather(1, order), order, -1)
     pairs = torch.stack([in_rows.gather(1, order), out_rows]).int().contiguous()
     return pairs, valid.sum(1).int()
 
 
-class _SparseOps:
-    """Rows of visible sites only."""
+class _GatherConv(torch.autograd.Function):
+    """A convolution over rows as one gather and one GEMM: the kh*kw input rows of every output
+    (zeros where masked) side by side, times the weight as a (out, kh*kw*in) matrix. Few, large
+    ops: on a CPU shared with other jobs, a loop of small ones (spconv's per-offset gather/GEMM/
+    scatter) waits at every op for its threads. The backward gathers again instead of keeping the
+    kh*kw-times larger matrix."""
 
-    def __init__(self, spconv: SimpleNamespace):
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, num_out: int) -> torch.Tensor:
+        ctx.save_for_backward(rows, weight, table)
+        return _GatherConv.columns(rows, table, num_out) @ weight.t()
+
+    @staticmethod
+    def columns(rows: torch.Tensor, table: torch.Tensor, num_out: int) -> torch.Tensor:
+        padded = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+        return padded.index_select(0, table).view(num_out, -1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rows, weight, table = ctx.saved_tensors
+        # under autocast the forward GEMM ran (and the gradient comes) in lower precision: run the
+        # backward GEMMs in the gradient's dtype too (autograd casts the results back)
+        grad = grad.contiguous()
+        rows, weight = rows.to(grad.dtype), weight.to(grad.dtype)
+        grad_weight = grad.t() @ _GatherConv.columns(rows, table, grad.shape[0])
+        grad_columns = (grad @ weight).view(-1, rows.shape[1])
+        grad_rows = grad.new_zeros(rows.shape[0] + 1, rows.shape[1]).index_add_(0, table, grad_columns)
+        return grad_rows[:-1], grad_weight, None, None
+
+
+class _SparseOps:
+    """Rows of visible sites only; `conv_engine` ("gather" or "spconv") runs ordinary convs."""
+
+    def __init__(self, conv_engine: str, spconv: SimpleNamespace | None = None):
+        self.conv_engine = conv_engine
         self.spconv = spconv
 
     def conv(self, conv: nn.Conv2d, x: Features, out_grid: SiteGrid) -> Features:
         if x.dense:  # the image: a stem conv over 3 channels, cheapest dense
             return Features(out_grid.gather(conv(x.data)), out_grid, False)
         if conv.groups != 1 or type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
-            # spconv has no grouped/depthwise kernel; subclasses (e.g. timm's dynamic "same"
-            # padding) and non-zero padding have their own forward, so run that on a dense map
+            # no sparse kernel for grouped/depthwise convs; subclasses (e.g. timm's dynamic "same"
+            # padding) and non-zero padding have their own forward: run these on a dense map
             return self.pool(conv, x, out_grid)
         if conv.kernel_size == (1, 1) and conv.padding == (0, 0):
-            return Features(self._pointwise_conv(conv, x, out_grid), out_grid, False)
-        return Features(self._spconv(conv, x, out_grid), out_grid, False)
+            out = self._pointwise_conv(conv, x, out_grid)
+        elif self.conv_engine == "spconv":
+            out = self._spconv(conv, x, out_grid)
+        else:
+            out = self._gather_conv(conv, x, out_grid)
+        return Features(out, out_grid, False)
 
     def _pointwise_conv(self, conv: nn.Conv2d, x: Features, out_grid: SiteGrid) -> torch.Tensor:
         rows = x.data
@@ -406,15 +454,26 @@ class _SparseOps:
 
         return out_grid.cached(("subsample", in_grid.stride, stride), build)
 
+    @staticmethod
+    def _geometry(conv: nn.Conv2d, x: Features) -> tuple:
+        return (x.grid.stride, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+
+    def _gather_conv(self, conv: nn.Conv2d, x: Features, out_grid: SiteGrid) -> torch.Tensor:
+        table = out_grid.cached(("table", *self._geometry(conv, x)), lambda: _gather_table(x.grid, out_grid, conv))
+        # (out, kh, kw, in) flattened matches the table's offset order; differentiable, so the
+        # gradient lands on the backbone's own (out, in, kh, kw) weight
+        weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
+        out = _GatherConv.apply(x.data.contiguous(), weight, table, out_grid.num_sites)
+        return out if conv.bias is None else out + conv.bias
+
     def _spconv(self, conv: nn.Conv2d, x: Features, out_grid: SiteGrid) -> torch.Tensor:
         sp = self.spconv
-        # spconv's weight layout is (out, kh, kw, in); the permute is differentiable, so gradients
-        # land on the backbone's own (out, in, kh, kw) weight
+        # spconv's weight layout is (out, kh, kw, in)
         weight = conv.weight.permute(0, 2, 3, 1).contiguous()
-        rows = x.data.to(weight.dtype).contiguous()  # rows of a CPU-autocast Linear are bfloat16
+        rows = x.data.to(weight.dtype).contiguous()
         (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
         same_size = conv.stride == (1, 1) and conv.padding == ((kh - 1) // 2 * dh, (kw - 1) // 2 * dw)
-        if same_size and kh % 2 and kw % 2:
+        if same_size and kh % 2 and kw % 2:  # submanifold: spconv's rulebook, outputs = inputs
             grid = x.grid
 
             def build():
@@ -427,8 +486,8 @@ class _SparseOps:
             pairs, counts = grid.cached(("subm", kh, kw, dh, dw), build)
             out = sp.subm_conv(rows, weight, pairs, counts, grid.num_sites, sp.native)
         else:
-            key = ("conv", x.grid.stride, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
-            pairs, counts = out_grid.cached(key, lambda: _strided_rulebook(x.grid, out_grid, conv))
+            key = ("rulebook", *self._geometry(conv, x))
+            pairs, counts = out_grid.cached(key, lambda: _spconv_rulebook(x.grid, out_grid, conv))
             out = sp.conv(rows, weight, pairs, counts, out_grid.num_sites, sp.native)
         # spconv's CPU kernels take no bias
         return out if conv.bias is None else out + conv.bias
@@ -584,41 +643,58 @@ def _traversal(net: nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+def spconv_for(device: torch.device) -> tuple[SimpleNamespace | None, str]:
+    """spconv's ops if they have kernels for `device`, else (None, why not)."""
+    spconv, reason = spconv_or_reason()
+    if spconv is not None and device.type == "cuda" and spconv.cpu_only:
+        return None, "the installed spconv is a CPU-only build (GPUs need an spconv-cu12x package)"
+    if spconv is not None and device.type not in ("cpu", "cuda"):
+        return None, f"spconv has no kernels for {device.type} tensors"
+    return spconv, reason
+
+
 class SparseEncoder(nn.Module):
     """Runs `backbone` (a registry convnet, unmodified) on the visible cells of a mask only.
 
     forward(image [B, 3, H, W], active [B, 1, H/s, W/s] bool, s = total stride) -> the stage outputs
-    `[B, C_i, H/s_i, W/s_i]`, exactly zero at masked positions. `backend="sparse"` falls back to
-    `"masked"` (one warning) where spconv cannot run.
+    `[B, C_i, H/s_i, W/s_i]`, exactly zero at masked positions.
+
+    backend: "sparse" (visible sites only) or "masked" (the paper's dense simulation).
+    conv_engine, for the sparse backend's ordinary convolutions: "gather" (torch: one gather and
+    one GEMM per conv, any device; the faster one where measured, benchmarks/RESULTS_spark.md) or
+    "spconv" (spconv's kernels; where spconv cannot run on the device, one warning and "gather").
     """
 
-    def __init__(self, backbone: nn.Module, backend: str = "sparse"):
+    def __init__(self, backbone: nn.Module, backend: str = "sparse", conv_engine: str = "gather"):
         super().__init__()
         if getattr(backbone, "family", None) != "convnet":
             raise TypeError(f"SparK needs a convnet backbone, got family {getattr(backbone, 'family', None)!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if conv_engine not in CONV_ENGINES:
+            raise ValueError(f"conv_engine must be one of {CONV_ENGINES}, got {conv_engine!r}")
         self.backbone = backbone
         self.backend = backend
+        self.conv_engine = conv_engine
         self.total_stride = backbone.total_stride
         self.stage_channels = list(backbone.stage_channels)
         self.stage_strides = list(backbone.stage_strides)
         self._traverse = _traversal(backbone.net)
 
-    def active_backend(self, device: torch.device) -> str:
-        """The backend that runs on `device`: "sparse" needs spconv with kernels for that device."""
+    def conv_engine_for(self, device: torch.device) -> str:
+        """The engine that runs the sparse backend's convolutions on `device`."""
+        if self.conv_engine == "spconv":
+            spconv, reason = spconv_for(device)
+            if spconv is not None:
+                return "spconv"
+            _warn_once(f"SparK: spconv unavailable ({reason}); sparse convolutions use the gather engine")
+        return "gather"
+
+    def _ops_for(self, device: torch.device):
         if self.backend == "masked":
-            return "masked"
-        spconv, reason = spconv_or_reason()
-        if spconv is not None and device.type == "cuda" and spconv.cpu_only:
-            reason = "the installed spconv is a CPU-only build (install spconv-cu12x for GPUs)"
-            spconv = None
-        elif spconv is not None and device.type not in ("cpu", "cuda"):
-            reason, spconv = f"spconv has no kernels for {device.type} tensors", None
-        if spconv is None:
-            _warn_once(f"SparK: sparse backend unavailable, using the masked one: {reason}")
-            return "masked"
-        return "sparse"
+            return _MaskedOps()
+        engine = self.conv_engine_for(device)
+        return _SparseOps(engine, spconv_for(device)[0] if engine == "spconv" else None)
 
     def forward(self, image: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
         active = active.bool()
@@ -630,11 +706,7 @@ class SparseEncoder(nn.Module):
         sites = VisibleSites(active, self.total_stride)
         pixels = sites.at(1)
         masked_image = Features(image * pixels.mask, pixels, True)
-        if self.active_backend(image.device) == "sparse":
-            ops = _SparseOps(spconv_or_reason()[0])
-        else:
-            ops = _MaskedOps()
-        return self._traverse(self.backbone.net, ops, masked_image, sites)
+        return self._traverse(self.backbone.net, self._ops_for(image.device), masked_image, sites)
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend}, total_stride={self.total_stride}"
+        return f"backend={self.backend}, conv_engine={self.conv_engine}, total_stride={self.total_stride}"
