@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/submit pretrain rotnet resnet10_s1_w32
+	$(VENV)/bin/submit pretrain rotnet convnet4
 
 test: setup
 	$(PY) -m pytest

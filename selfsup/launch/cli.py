@@ -9,11 +9,11 @@ import sys
 from selfsup.errors import UserError
 
 EPILOG = """examples:
-  submit pretrain rotnet resnet10_s1_w32                      # demo: built-in Fashion-MNIST, this machine
+  submit pretrain rotnet convnet4                             # demo: built-in Fashion-MNIST, this machine
   submit pretrain rotnet resnet50 data=/data/shards/train-{000000..000099}.tar image_size=224
   submit pretrain rotnet resnet18 resume=runs/rotnet-resnet18-20261126-101500
-  submit probe runs/rotnet-resnet10_s1_w32-20261126-101500 data=fashion_mnist
-  submit export runs/rotnet-resnet10_s1_w32-20261126-101500 -o backbone.safetensors
+  submit probe runs/rotnet-convnet4-20261126-101500 data=fashion_mnist
+  submit export runs/rotnet-convnet4-20261126-101500 -o backbone.safetensors
   submit shards ./my_images ./my_shards
   submit pretrain spark convnext_b cluster=slurm nodes=4 gpus_per_node=8 strategy=deepspeed_stage_2 --dry-run
   submit status runs/spark-convnext_b-20261126-101500          # its Slurm job(s); `submit status`: recent runs
