@@ -92,14 +92,14 @@ class Workload:
         return clock() - start
 
 
-def measure(workload: Workload, step, repeats: int, warmup: int, clock) -> dict[str, float]:
+def measure(workload: Workload, step, repeats: int, warmup: int, clock) -> dict[str, list[float]]:
     times = {variant: [] for variant in workload.encoders}
     for i in range(warmup + repeats):
         for variant in times:  # alternate, so that load changes hit every variant alike
             elapsed = workload.seconds(step, variant, clock)
             if i >= warmup:
                 times[variant].append(elapsed)
-    return {variant: statistics.median(values) for variant, values in times.items()}
+    return times
 
 
 def main() -> None:
@@ -111,11 +111,12 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.6)
     parser.add_argument("--width", type=int, default=768, help="decoder width (the spec's 768)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9, help="more on a machine shared with other jobs")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(
         "--conv-engines", nargs="+", default=["gather"], choices=CONV_ENGINES, help="sparse variants to time"
     )
+    parser.add_argument("--steps", nargs="+", default=["encoder", "full"], choices=["encoder", "full"])
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: CPU time of one thread")
     args = parser.parse_args()
     if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
@@ -133,10 +134,12 @@ def main() -> None:
             v: f"sparse, {e.conv_engine_for(device)} engine" if v != "masked" else "masked"
             for v, e in workload.encoders.items()
         }
-        for what, step in [("encoder fwd+bwd", workload.encoder_step), ("full step", workload.full_step)]:
-            median = measure(workload, step, args.repeats, args.warmup, clock)
-            rows.append((name, what, {labels[v]: t for v, t in median.items()}))
-            print(f"{name:12s} {what:16s} " + "  ".join(f"{labels[v]} {t:.3f}s" for v, t in median.items()), flush=True)
+        steps = {"encoder": ("encoder fwd+bwd", workload.encoder_step), "full": ("full step", workload.full_step)}
+        for what, step in (steps[s] for s in args.steps):
+            times = measure(workload, step, args.repeats, args.warmup, clock)
+            rows.append((name, what, {labels[v]: statistics.median(t) for v, t in times.items()}))
+            spread = "  ".join(f"{labels[v]} {min(t):.3f}/{statistics.median(t):.3f}/{max(t):.3f}s" for v, t in times.items())
+            print(f"{name} {what} (min/median/max): {spread}", flush=True)
         del workload
     load_after = os.getloadavg()[0]
 

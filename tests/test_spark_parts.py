@@ -288,9 +288,12 @@ def test_decoder_and_mask_token_initialisation():
     assert tokens.abs().max() <= 0.02 and tokens.std() > 0.005
 
 
-def test_densify_norms_visible_sites_and_fills_mask_tokens():
+@pytest.mark.parametrize("sync_bn", [False, True], ids=["bn", "syncbn"])
+def test_densify_norms_visible_sites_and_fills_mask_tokens(sync_bn):
     torch.manual_seed(0)
     densify = Densify([6], width=6, norm="bn")  # one level, identity projection
+    if sync_bn:  # what a distributed run does to every BatchNorm
+        densify = nn.SyncBatchNorm.convert_sync_batchnorm(densify)
     active = random_visible_mask(3, 4, 4, 0.5, generator=torch.Generator().manual_seed(0))
     fmap = torch.randn(3, 6, 4, 4) * upsample_mask(active, (4, 4))
     out = densify([fmap], active)[0]

@@ -67,7 +67,8 @@ class Densify(nn.Module):
 
     @staticmethod
     def _norm_visible(norm: nn.Module, fmap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if isinstance(norm, nn.BatchNorm2d):  # statistics of the visible sites only
+        # BatchNorm2d, or the SyncBatchNorm a distributed run converts it to: visible-site statistics
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
             sites = SiteGrid(mask)
             return sites.scatter(batch_norm_rows(norm, sites.gather(fmap)))
         return norm(fmap)  # LayerNorm: per site; the masked sites are replaced by the token next
