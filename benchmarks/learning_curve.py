@@ -38,11 +38,12 @@ def main() -> None:
     parser.add_argument("backbone")
     parser.add_argument("--minutes", type=float, nargs="+", default=[5, 10, 15])
     parser.add_argument("--run-dir", default="runs/learning")
+    parser.add_argument("--run", help="continue this run folder (its Timer state says how long it has trained)")
     parser.add_argument("--probe", nargs="*", default=["data=fashion_mnist"])
     parser.add_argument("--pretrain", nargs="*", default=["data=fashion_mnist"], help="overrides for submit pretrain")
     args = parser.parse_args()
 
-    run = Path(args.run_dir) / f"{args.method}-{args.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = Path(args.run) if args.run else Path(args.run_dir) / f"{args.method}-{args.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
     rows = []
     for minutes in args.minutes:
         max_time = time.strftime("00:%H:%M:%S", time.gmtime(minutes * 60))

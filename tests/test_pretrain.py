@@ -32,6 +32,11 @@ def test_run_folder_config_checkpoint_and_tensorboard(tmp_path):
     assert any(t.startswith("lr-") for t in scalars)
     assert "rotnet/predicted_vs_true" in image_tags(run / "tb")
     assert "run folder" in proc.stdout
+    # the RotNet recipe: NHWC weights, precision chosen for this machine and said in one line
+    assert cfg["backbone"]["channels_last"] is True and cfg["trainer"]["precision"] == "auto"
+    assert "trainer.precision=auto -> " in proc.stdout
+    conv = ckpt["state_dict"]["backbone.net.conv1.weight"]
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
 
 
 def test_no_data_uses_demo_data_and_says_so(tmp_path):

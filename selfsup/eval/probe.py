@@ -20,6 +20,8 @@ def extract_features(backbone, loader, device: str | torch.device = "cpu", desc:
     from tqdm import tqdm
 
     backbone.eval().to(device)
+    if any(p.ndim == 4 for p in backbone.parameters()):  # convolutions: NHWC is faster on CPU and GPU
+        backbone.to(memory_format=torch.channels_last)
     feats, labels = [], []
     with torch.no_grad():
         for batch in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, mininterval=1.0):

@@ -59,10 +59,15 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) -> di
 
     from selfsup.data.stream import ShardDataModule
     from selfsup.launch.checkpointing import read_last_info, resolve_last
+    from selfsup.launch.precision import resolve_precision
     from selfsup.launch.strategies import check_strategy
     from selfsup.ssl import method_class
 
     run_dir = Path(run_dir)
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    if precision != str(cfg.trainer.precision):
+        print(f"selfsup: trainer.precision=auto -> {precision} on this machine", flush=True)
+        cfg.trainer.precision = precision
     check_strategy(cfg)
     last = resolve_last(run_dir / "checkpoints")
     resume_step = int((read_last_info(run_dir / "checkpoints") or {}).get("global_step", 0)) if last else 0

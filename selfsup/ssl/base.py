@@ -47,6 +47,9 @@ class SSLMethod(pl.LightningModule):
         super().__init__()
         self.cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
         self.backbone = create_backbone(self.cfg.backbone.name, **OmegaConf.to_container(self.cfg.backbone.kwargs))
+        if self.cfg.backbone.get("channels_last"):
+            # oneDNN (CPU) and cuDNN under autocast run NHWC convolutions faster; inputs follow the weights
+            self.backbone.to(memory_format=torch.channels_last)
         self.num_classes = num_classes
         self.online_probe = (
             nn.Linear(self.backbone.num_features, num_classes) if self.cfg.method.online_probe and num_classes else None
