@@ -103,12 +103,13 @@ def teacher_momentum(step: int, total: int, base: float = 0.99) -> float:
 @torch.no_grad()
 def ema_parameters_(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float) -> None:
     """θ_t <- α θ_t + (1 - α) θ_s for parameters only (BatchNorm running statistics are not averaged:
-    the teacher normalises with its own batch statistics)."""
+    the teacher normalises with its own batch statistics). Computed as θ_t + (1 - α)(θ_s - θ_t) (lerp), so
+    that a teacher equal to its student stays bit-identical (the first step of a run is a no-op)."""
     t_params, s_params = list(teacher.parameters()), list(student.parameters())
     if len(t_params) != len(s_params):
         raise ValueError(f"teacher has {len(t_params)} parameters, student {len(s_params)}")
     for t, s in zip(t_params, s_params, strict=True):
-        t.mul_(alpha).add_(s.detach().to(t.dtype), alpha=1.0 - alpha)
+        t.lerp_(s.detach().to(t.dtype), 1.0 - alpha)
 
 
 def code_statistics(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,6 +52,10 @@ class OBoW(SSLMethod):
                                         for i in self.levels)
         self.level_names = [f"stage{i + 1}" for i in self.levels]
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        check_queue(self.cfg.method.num_words, self.global_batch() // self.trainer.accumulate_grad_batches)
+
     def teacher_modules(self) -> list[nn.Module]:
         return [self.teacher]
 
@@ -130,6 +134,7 @@ class OBoW(SSLMethod):
             out[f"word_usage_{name}"] = usage
             out[f"distance_scale_{name}"] = vocab.scale.detach().clone()
         out["_maps"] = [fm.detach() for fm in maps]
+        out["_targets"] = targets
         return out
 
     # ---- pictures: image patches nearest to a few visual words ------------------------------
@@ -140,6 +145,13 @@ class OBoW(SSLMethod):
         if grid is not None:
             self.logger.experiment.add_image(f"obow/words_{self.level_names[level]}_nearest_patches", grid,
                                              self.global_step, dataformats="HWC")
+
+
+def check_queue(num_words: int, global_batch: int) -> None:
+    """Each step enqueues one vector per image of the global batch: K must be a multiple of it."""
+    if num_words % global_batch:
+        raise UserError(f"obow: method.num_words={num_words} is not a multiple of the global batch ({global_batch} "
+                        "images per step): the queue would not wrap around cleanly")
 
 
 def nearest_patches_picture(images: torch.Tensor, fmap: torch.Tensor, vocab: Vocabulary, mean, std,
