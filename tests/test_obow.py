@@ -250,14 +250,16 @@ def _fixed_batches(cfg, n, seed=0):
 
 
 class Batches:
-    """The same batches, in the same order, every epoch (a plain iterable: Lightning reads a list as
-    several dataloaders)."""
+    """A stream that resumes where it stopped: the batch of global step s is batches[s % n], however
+    the run was cut (a plain list would restart at its first batch after a mid-epoch stop)."""
 
     def __init__(self, batches):
         self.batches = batches
+        self.trainer = None
 
     def __iter__(self):
-        return iter(self.batches)
+        start = self.trainer.global_step
+        return (self.batches[(start + i) % len(self.batches)] for i in range(len(self.batches)))
 
     def __len__(self):
         return len(self.batches)
@@ -270,7 +272,9 @@ def _fit(cfg, run_dir, batches, stop_at=None, resume=False):
     module = OBoW(cfg)
     trainer = build_trainer(cfg, run_dir, module=module, extra_callbacks=[StopAt(stop_at)] if stop_at else ())
     ckpt = str(run_dir / "checkpoints" / "last.ckpt") if resume else None
-    trainer.fit(module, train_dataloaders=Batches(batches), ckpt_path=ckpt, weights_only=False)
+    stream = Batches(batches)
+    stream.trainer = trainer
+    trainer.fit(module, train_dataloaders=stream, ckpt_path=ckpt, weights_only=False)
     return module, trainer
 
 
