@@ -335,10 +335,11 @@ def test_refusals_are_one_line():
 
 
 def test_resnet50_recipe_trains_one_step_at_small_resolution(tmp_path):
-    # the official recipe (8192 words x 2 levels, κ 8, δ⁻¹ 15, SGD) at 64 px with scaled views
-    run_submit("pretrain", "obow", "resnet50", "data=digits", "image_size=64", "data.batch_size=4",
-               "data.num_workers=0", "method.views.teacher_resize=64", "method.views.crop_size=48",
-               "method.views.patch_image_size=64", "method.views.patch_size=32", "method.views.patch_jitter=8",
+    # the official recipe (8192 words x 2 levels, 1-pixel border, κ 8, δ⁻¹ 15, SGD) at 96 px with scaled
+    # views: the teacher's block3 / block4 maps are 6x6 / 3x3, 4x4 / 1x1 without their border
+    run_submit("pretrain", "obow", "resnet50", "data=digits", "image_size=96", "data.batch_size=4",
+               "data.num_workers=0", "method.views.teacher_resize=96", "method.views.crop_size=64",
+               "method.views.patch_image_size=96", "method.views.patch_size=32", "method.views.patch_jitter=8",
                "trainer.max_steps=1", "trainer.log_every_n_steps=1", "images_every_n_steps=1",
                "trainer.enable_progress_bar=false", f"run_dir={tmp_path}", "run_name=r", timeout=900, check=True)
     ckpt = torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

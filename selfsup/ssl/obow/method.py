@@ -51,6 +51,9 @@ class OBoW(SSLMethod):
         self.generators = nn.ModuleList(WeightGenerator(backbone.stage_channels[i], backbone.num_features)
                                         for i in self.levels)
         self.level_names = [f"stage{i + 1}" for i in self.levels]
+        t = self.cfg.trainer
+        ranks = t.devices * t.num_nodes if isinstance(t.devices, int) and isinstance(t.num_nodes, int) else 1
+        check_queue(m.num_words, self.cfg.data.batch_size * ranks)  # before anything runs; again at fit start
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -98,6 +101,22 @@ class OBoW(SSLMethod):
         return teacher_momentum(int(self.global_step), int(getattr(self, "_schedule_total", 1)),
                                 self.cfg.method.teacher_momentum)
 
+    @torch.no_grad()
+    def _targets_then_enqueue(self, maps: list[torch.Tensor], words: list[torch.Tensor]):
+        """Per level: μ update, soft codes against the pre-step words, BoW; then the queue update.
+        In fp32 even under bf16 autocast (||F||² + ||V||² - 2<F, V> cancels badly in bf16)."""
+        generator = self._location_generator()
+        targets, codes = [], []
+        with torch.autocast(device_type=maps[0].device.type, enabled=False):
+            for vocab, fmap, w in zip(self.vocabularies, maps, words, strict=True):
+                reduce = self._mean_over_ranks if self.training else None
+                bow, code = vocab.targets(fmap, w, update_scale_with=reduce)
+                targets.append(bow)
+                codes.append(code)
+                if self.training:
+                    vocab.enqueue(self._gather_rows(vocab.local_vectors(fmap, generator)))
+        return targets, codes
+
     def pretext_step(self, batch: dict) -> dict:
         m = self.cfg.method
         # 2. the vocabularies before this step's enqueue
@@ -113,14 +132,7 @@ class OBoW(SSLMethod):
         with torch.no_grad():
             stages = self.teacher.forward_stages(batch["image"])
             maps = [stages[i].float() for i in self.levels]
-            generator = self._location_generator()
-            targets, codes = [], []
-            for vocab, fmap, w in zip(self.vocabularies, maps, words, strict=True):
-                bow, code = vocab.targets(fmap, w, update_scale_with=self._mean_over_ranks if self.training else None)
-                targets.append(bow)
-                codes.append(code)
-                if self.training:
-                    vocab.enqueue(self._gather_rows(vocab.local_vectors(fmap, generator)))
+            targets, codes = self._targets_then_enqueue(maps, words)
             teacher_features = self.teacher.pool(stages[-1]).float()
         # 7-8. generated weights from the snapshot, logits, loss
         weights = [gen(w) for gen, w in zip(self.generators, words, strict=True)]
