@@ -18,6 +18,7 @@ class MethodEntry:
 
 METHODS: dict[str, MethodEntry] = {
     "rotnet": MethodEntry("selfsup.ssl.rotnet:RotNet", ("convnet", "vit"), "predict the rotation (0/90/180/270) of every image"),
+    "obow": MethodEntry("selfsup.ssl.obow.method:OBoW", ("convnet",), "online bag-of-visual-words: EMA teacher, multi-crop student"),
     "spark": MethodEntry("selfsup.ssl.spark.method:SparK", ("convnet",), "sparse masked modelling: reconstruct masked patches"),
 }
 

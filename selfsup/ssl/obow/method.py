@@ -1,0 +1,198 @@
+"""OBoW (Gidaris et al., CVPR 2021) as a Lightning method: an EMA teacher turns the full image into a
+bag of visual words per level (vocabularies filled online from the teacher's own feature maps); the
+student predicts those bags from small crops through a head generated from the vocabulary.
+
+One step, in the order of specs/methods.md §2(a):
+  2. snapshot the vocabularies (the student predicts against the words *before* this step's enqueue)
+  3. student forward on each crop group (pooled final features, not normalised)
+  4. teacher EMA update with α(step) (parameters only), before the targets are computed
+  5-6. teacher forward (train mode, batch statistics) -> per level: μ update, soft codes, BoW targets,
+       then enqueue one locally averaged vector per image (gathered over ranks)
+  7-8. generated weights -> logits -> Σ_groups mean_levels KL(target || prediction)
+Only `backbone` (the student) is exported; the teacher, the vocabularies and the generators are
+registered state, checkpointed and restored with the module.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfsup.data import views
+from selfsup.errors import UserError
+from selfsup.ssl.base import SSLMethod
+from selfsup.ssl.obow.head import WeightGenerator, bow_logits
+from selfsup.ssl.obow.loss import code_statistics, ema_parameters_, obow_loss, squared_distances, teacher_momentum
+from selfsup.ssl.obow.vocabulary import Vocabulary
+from selfsup.ssl.pictures import captioned_grid, denormalize
+
+
+class OBoW(SSLMethod):
+    name = "obow"
+
+    def __init__(self, cfg, num_classes: int | None = None):
+        super().__init__(cfg, num_classes)
+        m = self.cfg.method
+        backbone = self.backbone
+        n_stages = len(backbone.stage_channels)
+        self.levels = [int(i) % n_stages for i in m.levels]
+        if len(set(self.levels)) != len(self.levels):
+            raise UserError(f"method.levels={list(m.levels)}: a stage is named twice")
+        self.teacher = copy.deepcopy(backbone)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.vocabularies = nn.ModuleList(
+            Vocabulary(m.num_words, backbone.stage_channels[i], m.inv_delta, border=m.border,
+                       local_kernel=m.local_kernel, scale_momentum=m.scale_momentum)
+            for i in self.levels)
+        self.generators = nn.ModuleList(WeightGenerator(backbone.stage_channels[i], backbone.num_features)
+                                        for i in self.levels)
+        self.level_names = [f"stage{i + 1}" for i in self.levels]
+        t = self.cfg.trainer
+        ranks = t.devices * t.num_nodes if isinstance(t.devices, int) and isinstance(t.num_nodes, int) else 1
+        check_queue(m.num_words, self.cfg.data.batch_size * ranks)  # before anything runs; again at fit start
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        check_queue(self.cfg.method.num_words, self.global_batch() // self.trainer.accumulate_grad_batches)
+
+    def teacher_modules(self) -> list[nn.Module]:
+        return [self.teacher]
+
+    def train_view(self):
+        d, v = self.cfg.data, self.cfg.method.views
+        return views.multi_crop_view(
+            d.mean, d.std, teacher_size=d.image_size, teacher_resize=v.teacher_resize,
+            num_crops=v.num_crops, crop_size=v.crop_size, crop_scale=tuple(v.crop_scale),
+            num_patches=v.num_patches, patch_image_size=v.patch_image_size, patch_size=v.patch_size,
+            patch_jitter=v.patch_jitter, patch_scale=tuple(v.patch_scale), blur_p=v.blur_p)
+
+    def parameter_groups(self) -> list[dict]:
+        groups = super().parameter_groups()
+        if not self.cfg.method.decay_everything:
+            return groups
+        # the official recipe decays every trainable parameter (norms, biases, generators included)
+        pretext = [g for g in groups if g["name"] in ("decay", "no_decay")]
+        merged = {"params": [p for g in pretext for p in g["params"]], "weight_decay": self.cfg.optim.weight_decay,
+                  "name": "decay"}
+        return [merged, *[g for g in groups if g["name"] not in ("decay", "no_decay")]]
+
+    # ---- the step ---------------------------------------------------------------------------
+    def _location_generator(self) -> torch.Generator:
+        """Queue locations drawn from (seed, step, rank) alone: a resumed run draws what an
+        uninterrupted run would (the global RNG is not in the checkpoint)."""
+        seed = (int(self.cfg.seed) * 1_000_003 + int(self.global_step)) * 4099 + int(self.global_rank)
+        return torch.Generator().manual_seed(seed % (2**63 - 1))
+
+    def _gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        if self._trainer is None or self._trainer.world_size == 1:
+            return x
+        return self.all_gather(x).flatten(0, 1)
+
+    def _mean_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        if self._trainer is None or self._trainer.world_size == 1:
+            return x
+        return self.all_gather(x).mean()
+
+    def momentum_now(self) -> float:
+        return teacher_momentum(int(self.global_step), int(getattr(self, "_schedule_total", 1)),
+                                self.cfg.method.teacher_momentum)
+
+    @torch.no_grad()
+    def _targets_then_enqueue(self, maps: list[torch.Tensor], words: list[torch.Tensor]):
+        """Per level: μ update, soft codes against the pre-step words, BoW; then the queue update.
+        In fp32 even under bf16 autocast (||F||² + ||V||² - 2<F, V> cancels badly in bf16)."""
+        generator = self._location_generator()
+        targets, codes = [], []
+        with torch.autocast(device_type=maps[0].device.type, enabled=False):
+            for vocab, fmap, w in zip(self.vocabularies, maps, words, strict=True):
+                reduce = self._mean_over_ranks if self.training else None
+                bow, code = vocab.targets(fmap, w, update_scale_with=reduce)
+                targets.append(bow)
+                codes.append(code)
+                if self.training:
+                    vocab.enqueue(self._gather_rows(vocab.local_vectors(fmap, generator)))
+        return targets, codes
+
+    def pretext_step(self, batch: dict) -> dict:
+        m = self.cfg.method
+        # 2. the vocabularies before this step's enqueue
+        words = [v.words.clone() for v in self.vocabularies]
+        # 3. student: one forward per crop group (image-major flattening, [B, n, C, H, W] -> [B n, ...])
+        groups = [batch[k] for k in ("crops", "patches") if k in batch and batch[k].shape[1] > 0]
+        features = [self.backbone(g.flatten(0, 1)) for g in groups]
+        # 4. teacher EMA before the targets, same step
+        alpha = self.momentum_now()
+        if self.training:
+            ema_parameters_(self.teacher, self.backbone, alpha)
+        # 5-6. teacher maps -> targets (μ updated first), then the queue update
+        with torch.no_grad():
+            stages = self.teacher.forward_stages(batch["image"])
+            maps = [stages[i].float() for i in self.levels]
+            targets, codes = self._targets_then_enqueue(maps, words)
+            teacher_features = self.teacher.pool(stages[-1]).float()
+        # 7-8. generated weights from the snapshot, logits, loss
+        weights = [gen(w) for gen, w in zip(self.generators, words, strict=True)]
+        logits = [[bow_logits(f, w, m.kappa) for w in weights] for f in features]
+        loss, per_level = obow_loss(logits, targets, [g.shape[1] for g in groups])
+        out = {"loss": loss, "features": teacher_features, "teacher_momentum": torch.tensor(alpha)}
+        for name, value, code, vocab in zip(self.level_names, per_level, codes, self.vocabularies, strict=True):
+            perplexity, usage = code_statistics(code)
+            out[f"loss_{name}"] = value.detach()
+            out[f"perplexity_{name}"] = perplexity
+            out[f"word_usage_{name}"] = usage
+            out[f"distance_scale_{name}"] = vocab.scale.detach().clone()
+        out["_maps"] = [fm.detach() for fm in maps]
+        out["_targets"] = targets
+        return out
+
+    # ---- pictures: image patches nearest to a few visual words ------------------------------
+    def log_pictures(self, batch: dict, out: dict) -> None:
+        level = min(int(self.cfg.method.picture_level), len(self.levels) - 1)
+        grid = nearest_patches_picture(batch["image"], out["_maps"][level], self.vocabularies[level],
+                                       self.cfg.data.mean, self.cfg.data.std)
+        if grid is not None:
+            self.logger.experiment.add_image(f"obow/words_{self.level_names[level]}_nearest_patches", grid,
+                                             self.global_step, dataformats="HWC")
+
+
+def check_queue(num_words: int, global_batch: int) -> None:
+    """Each step enqueues one vector per image of the global batch: K must be a multiple of it."""
+    if num_words % global_batch:
+        raise UserError(f"obow: method.num_words={num_words} is not a multiple of the global batch ({global_batch} "
+                        "images per step): the queue would not wrap around cleanly")
+
+
+def nearest_patches_picture(images: torch.Tensor, fmap: torch.Tensor, vocab: Vocabulary, mean, std,
+                            words: int = 8, per_word: int = 8):
+    """A grid: one row per visual word (the words nearest to most locations of this batch), holding
+    the image patches whose teacher features are nearest to that word, nearest first."""
+    from selfsup.ssl.obow.loss import crop_border
+
+    cropped = crop_border(fmap, vocab.border)
+    d = squared_distances(cropped, vocab.words)  # [B, K, h, w]
+    b, k, h, w = d.shape
+    counts = torch.bincount(d.argmin(1).flatten(), minlength=k)
+    chosen = counts.argsort(descending=True)[:words]
+    chosen = chosen[counts[chosen] > 0]
+    if len(chosen) == 0:
+        return None
+    size = images.shape[-1]
+    stride = max(1, size // fmap.shape[-1])
+    half = max(stride, size // 8)
+    padded = F.pad(images, (half, half, half, half))
+    tiles, captions = [], []
+    for word in chosen.tolist():
+        flat = d[:, word].flatten()
+        for index in flat.argsort()[:per_word].tolist():
+            img, rest = divmod(index, h * w)
+            i, j = divmod(rest, w)
+            cy = (i + vocab.border) * stride + stride // 2 + half
+            cx = (j + vocab.border) * stride + stride // 2 + half
+            tiles.append(padded[img, :, cy - half:cy + half, cx - half:cx + half])
+            captions.append(f"w{word}")
+    tiles = denormalize(torch.stack(tiles), mean, std)
+    return captioned_grid(tiles, captions, columns=per_word, scale=max(1, 48 // (2 * half)))
