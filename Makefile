@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/submit pretrain rotnet convnet4
+	$(VENV)/bin/submit pretrain spark convnext_b
 
 test: setup
 	$(PY) -m pytest
