@@ -115,6 +115,7 @@ def test_training_a_task_leaves_earlier_tasks_bit_identical(tmp_path):
     from selfsup.continual.train import train_task
 
     cfg = compose("contracon", "cct_tiny_test", ["data=split_digits", "epochs=1", "kernel_size=5", "batch_size=16",
+                                                  "continual.first_task_epochs=null", "continual.warmup_steps=0",
                                                   "data.num_workers=0", "trainer.enable_progress_bar=false",
                                                   "trainer.accelerator=cpu"])
     OmegaConf.resolve(cfg)
@@ -211,7 +212,7 @@ def test_init_from_an_export(tmp_path):
 
 # ---- the job: end to end on split digits, killed during task 3 and resumed ----------------------------
 RUN_ARGS = ["continual", "contracon", "cct_tiny_test", "data=split_digits", "tasks=4", "epochs=3", "kernel_size=5",
-            "batch_size=32", "continual.lr=2e-3", "continual.head_lr=0.05", "continual.head_momentum=0.9",
+            "batch_size=32", "continual.first_task_epochs=null", "continual.first_task_lr=2e-3", "continual.warmup_steps=0",
             "continual.val_fraction=0.15", "eval.cil_samples_per_task=12", "data.num_workers=0",
             "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "run_name=split-digits"]
 
@@ -223,18 +224,19 @@ def _checkpoint(run):
 def test_sigkill_during_task_3_then_rerun_continues_at_task_3(tmp_path):
     run = tmp_path / "split-digits"
     cmd = [sys.executable, "-m", "selfsup.launch.cli", *RUN_ARGS, f"run_dir={tmp_path}"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=os.environ.copy())
+    log = open(tmp_path / "first.log", "w")  # a file, not a pipe: a full pipe would stall the child
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
     deadline = time.time() + 900
     while time.time() < deadline and proc.poll() is None:
         progress = run / "progress.json"
         if progress.exists() and json.loads(progress.read_text())["task"] == 3:
             break
         time.sleep(0.05)
-    assert proc.poll() is None, f"the run ended before task 3:\n{proc.stdout.read()[-3000:]}"
+    assert proc.poll() is None, f"the run ended before task 3:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    first_out = proc.stdout.read()
+    log.close()
+    first_out = (tmp_path / "first.log").read_text()
     assert "task 2 done" in first_out and "task 3 done" not in first_out
     saved = _checkpoint(run)
     assert saved["tasks_done"] == 2

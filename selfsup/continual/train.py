@@ -75,7 +75,8 @@ class TaskModule(pl.LightningModule):
         lr = self.c.first_task_lr if (self.task == 0 and self.c.first_task_lr) else self.c.lr
         adamw = torch.optim.AdamW(rest, lr=lr, weight_decay=self.c.weight_decay)
         sgd = torch.optim.SGD(head, lr=self.c.head_lr, momentum=self.c.head_momentum)
-        restarts = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(adamw, T_0=max(1, self.c.epochs // 2), eta_min=self.c.min_lr)
+        restarts = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(adamw, T_0=max(1, task_epochs(self.c, self.task) // 2),
+                                                                        eta_min=self.c.min_lr)
         return [adamw, sgd], [restarts]
 
     def training_step(self, batch, batch_idx):
@@ -128,6 +129,10 @@ class TaskModule(pl.LightningModule):
             self.model.load_state_dict(self.best_state, strict=False)
 
 
+def task_epochs(c, task: int) -> int:
+    return int(c.first_task_epochs) if task == 0 and c.first_task_epochs else int(c.epochs)
+
+
 def train_task(model: ContinualTransformer, task: int, train: TaskArrays, val: TaskArrays, cfg: DictConfig,
                logger) -> dict:
     c, d = cfg.continual, cfg.data
@@ -143,22 +148,24 @@ def train_task(model: ContinualTransformer, task: int, train: TaskArrays, val: T
     module = TaskModule(model, task, cfg, steps)
     checks = max(1, int(c.val_checks_per_epoch))
     trainer = pl.Trainer(
-        max_epochs=c.epochs, accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
+        max_epochs=task_epochs(c, task), accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
         logger=logger, enable_checkpointing=False, num_sanity_val_steps=0, enable_model_summary=False,
         enable_progress_bar=cfg.trainer.enable_progress_bar, log_every_n_steps=cfg.trainer.log_every_n_steps,
         val_check_interval=(1.0 if checks == 1 else max(1, steps // checks)), default_root_dir=str(logger.root_dir),
     )
-    start = time.perf_counter()
+    model.train()  # (Lightning keeps the modes it finds; evaluation left the model in eval mode)
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if trainer.interrupted:
         raise KeyboardInterrupt
     module.restore_best()
     for p in model.parameters():
         p.requires_grad_(False)
-    images = c.epochs * steps * d.batch_size
-    return {"val_acc": module.best_acc, "train_seconds": seconds, "train_images": images,
-            "images_per_second": images / max(seconds, 1e-9), "steps": c.epochs * steps}
+    epochs = task_epochs(c, task)
+    images = epochs * steps * d.batch_size
+    return {"val_acc": module.best_acc, "train_seconds": seconds, "train_cpu_seconds": cpu, "train_images": images,
+            "images_per_second": images / max(seconds, 1e-9), "steps": epochs * steps}
 
 
 # ---- evaluation ----------------------------------------------------------------------------------
@@ -281,7 +288,9 @@ def run_continual(cfg: DictConfig, run_dir: str | Path) -> dict:
         steps += info["steps"]
         row = {"task": task + 1, "params": model.task_parameters(task) if task else sum(
             p.numel() for p in model.backbone.parameters()) + model.task_parameters(0), **info}
+        start, cpu_start = time.perf_counter(), time.process_time()
         row.update(evaluate(model, stream, task, cfg))
+        row.update(eval_seconds=time.perf_counter() - start, eval_cpu_seconds=time.process_time() - cpu_start)
         rows.append(row)
         save_atomic(checkpoint_dict(model, cfg, stream, rows, steps), ckpt_path)
         summary = M.summarise(rows, stream.task_classes)
