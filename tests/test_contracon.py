@@ -211,7 +211,7 @@ def test_init_from_an_export(tmp_path):
 
 
 # ---- the job: end to end on split digits, killed during task 3 and resumed ----------------------------
-RUN_ARGS = ["continual", "contracon", "cct_tiny_test", "data=split_digits", "tasks=4", "epochs=3", "kernel_size=5",
+RUN_ARGS = ["continual", "contracon", "cct_tiny_test", "data=split_digits", "tasks=5", "epochs=3", "kernel_size=5",
             "batch_size=32", "continual.first_task_epochs=null", "continual.first_task_lr=2e-3", "continual.warmup_steps=0",
             "continual.val_fraction=0.15", "eval.cil_samples_per_task=12", "data.num_workers=0",
             "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "run_name=split-digits"]
@@ -243,20 +243,20 @@ def test_sigkill_during_task_3_then_rerun_continues_at_task_3(tmp_path):
     kept = {k: v for k, v in saved["state_dict"].items() if k.startswith(("backbone.", "tasks.0.", "tasks.1."))}
 
     second = run_submit(*RUN_ARGS, f"run_dir={tmp_path}", cwd=tmp_path, timeout=900, check=True)
-    assert "resuming at task 3/4" in second.stdout
-    assert "task 1/4" not in second.stdout and "task 2/4" not in second.stdout and "task 3/4: classes 4 (4), 5 (5)" in second.stdout
+    assert "resuming at task 3/5" in second.stdout
+    assert "task 1/5" not in second.stdout and "task 2/5" not in second.stdout and "task 3/5: classes 4 (4), 5 (5)" in second.stdout
     final = _checkpoint(run)
-    assert final["tasks_done"] == 4 and final["results"][:2] == saved["results"]
+    assert final["tasks_done"] == 5 and final["results"][:2] == saved["results"]
     for key, value in kept.items():
         assert torch.equal(final["state_dict"][key], value), f"{key} changed after the rerun"
 
     metrics = json.loads((run / "metrics.json").read_text())
     til = metrics["til"]
-    for j in range(4):  # zero forgetting in task-incremental mode
-        assert len({til[t][j] for t in range(j, 4)}) == 1
+    for j in range(5):  # zero forgetting in task-incremental mode
+        assert len({til[t][j] for t in range(j, 5)}) == 1
     assert metrics["average_til"][-1] > 0.85, metrics["til"]  # 2-class digit tasks; chance is 0.5
     assert metrics["forgetting_til"][-1] == 0.0
-    assert all(0.0 <= v <= 1.0 for v in metrics["task_id"][-1]) and len(metrics["cil"][-1]) == 4
+    assert all(0.0 <= v <= 1.0 for v in metrics["task_id"][-1]) and len(metrics["cil"][-1]) == 5
     assert metrics["params_added"][1] == metrics["params_added"][2] > 0
     assert "continual/til_matrix" in image_tags(run / "tb")
     assert "class-incremental accuracy" in second.stdout and "task-incremental accuracy" in second.stdout
