@@ -116,6 +116,7 @@ def test_training_a_task_leaves_earlier_tasks_bit_identical(tmp_path):
 
     cfg = compose("contracon", "cct_tiny_test", ["data=split_digits", "epochs=1", "kernel_size=5", "batch_size=16",
                                                   "continual.first_task_epochs=null", "continual.warmup_steps=0",
+                                                  "continual.train_minutes=null",
                                                   "data.num_workers=0", "trainer.enable_progress_bar=false",
                                                   "trainer.accelerator=cpu"])
     OmegaConf.resolve(cfg)
@@ -212,7 +213,7 @@ def test_init_from_an_export(tmp_path):
 
 # ---- the job: end to end on split digits, killed during task 3 and resumed ----------------------------
 RUN_ARGS = ["continual", "contracon", "cct_tiny_test", "data=split_digits", "tasks=5", "epochs=3", "kernel_size=5",
-            "batch_size=32", "continual.first_task_epochs=null", "continual.first_task_lr=2e-3", "continual.warmup_steps=0",
+            "batch_size=32", "continual.first_task_epochs=null", "continual.first_task_lr=2e-3", "continual.warmup_steps=0", "continual.train_minutes=null",
             "continual.val_fraction=0.15", "eval.cil_samples_per_task=12", "data.num_workers=0",
             "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "run_name=split-digits"]
 
@@ -221,12 +222,13 @@ def _checkpoint(run):
     return torch.load(run / "checkpoints" / "continual.pt", map_location="cpu", weights_only=True)
 
 
+@pytest.mark.timeout(1800)  # two job processes; about 2 minutes on an idle 2-core machine
 def test_sigkill_during_task_3_then_rerun_continues_at_task_3(tmp_path):
     run = tmp_path / "split-digits"
     cmd = [sys.executable, "-m", "selfsup.launch.cli", *RUN_ARGS, f"run_dir={tmp_path}"]
     log = open(tmp_path / "first.log", "w")  # a file, not a pipe: a full pipe would stall the child
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
-    deadline = time.time() + 900
+    deadline = time.time() + 1500
     while time.time() < deadline and proc.poll() is None:
         progress = run / "progress.json"
         if progress.exists() and json.loads(progress.read_text())["task"] == 3:
@@ -242,7 +244,7 @@ def test_sigkill_during_task_3_then_rerun_continues_at_task_3(tmp_path):
     assert saved["tasks_done"] == 2
     kept = {k: v for k, v in saved["state_dict"].items() if k.startswith(("backbone.", "tasks.0.", "tasks.1."))}
 
-    second = run_submit(*RUN_ARGS, f"run_dir={tmp_path}", cwd=tmp_path, timeout=900, check=True)
+    second = run_submit(*RUN_ARGS, f"run_dir={tmp_path}", cwd=tmp_path, timeout=1500, check=True)
     assert "resuming at task 3/5" in second.stdout
     assert "task 1/5" not in second.stdout and "task 2/5" not in second.stdout and "task 3/5: classes 4 (4), 5 (5)" in second.stdout
     final = _checkpoint(run)

@@ -133,8 +133,17 @@ def task_epochs(c, task: int) -> int:
     return int(c.first_task_epochs) if task == 0 and c.first_task_epochs else int(c.epochs)
 
 
+def task_time_limit(c, task: int, tasks: int) -> dict | None:
+    """`continual.train_minutes` (a budget for the training of all tasks) shared in proportion to the
+    tasks' epochs; None: no limit (each task runs its epochs)."""
+    if not c.get("train_minutes"):
+        return None
+    weights = [task_epochs(c, t) for t in range(tasks)]
+    return {"seconds": 60.0 * c.train_minutes * weights[task] / sum(weights)}
+
+
 def train_task(model: ContinualTransformer, task: int, train: TaskArrays, val: TaskArrays, cfg: DictConfig,
-               logger) -> dict:
+               logger, stream_tasks: int = 1) -> dict:
     c, d = cfg.continual, cfg.data
     pl.seed_everything(cfg.seed + 1000 * task, workers=True, verbose=False)
     per_epoch = min(c.samples_per_epoch or len(train), len(train))
@@ -148,7 +157,7 @@ def train_task(model: ContinualTransformer, task: int, train: TaskArrays, val: T
     module = TaskModule(model, task, cfg, steps)
     checks = max(1, int(c.val_checks_per_epoch))
     trainer = pl.Trainer(
-        max_epochs=task_epochs(c, task), accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
+        max_epochs=task_epochs(c, task), max_time=task_time_limit(c, task, stream_tasks), accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
         logger=logger, enable_checkpointing=False, num_sanity_val_steps=0, enable_model_summary=False,
         enable_progress_bar=cfg.trainer.enable_progress_bar, log_every_n_steps=cfg.trainer.log_every_n_steps,
         val_check_interval=(1.0 if checks == 1 else max(1, steps // checks)), default_root_dir=str(logger.root_dir),
@@ -156,16 +165,19 @@ def train_task(model: ContinualTransformer, task: int, train: TaskArrays, val: T
     model.train()  # (Lightning keeps the modes it finds; evaluation left the model in eval mode)
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if trainer.interrupted:
         raise KeyboardInterrupt
+    planned = task_epochs(c, task) * steps
+    if module._batches < planned:  # stopped by the time budget: validate the last weights too
+        print(f"selfsup: task {task + 1}: time budget reached after {module._batches}/{planned} steps", flush=True)
+        trainer.validate(module, val_loader, verbose=False)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     module.restore_best()
     for p in model.parameters():
         p.requires_grad_(False)
-    epochs = task_epochs(c, task)
-    images = epochs * steps * d.batch_size
+    images = module._batches * d.batch_size
     return {"val_acc": module.best_acc, "train_seconds": seconds, "train_cpu_seconds": cpu, "train_images": images,
-            "images_per_second": images / max(seconds, 1e-9), "steps": epochs * steps}
+            "images_per_second": images / max(seconds, 1e-9), "steps": module._batches}
 
 
 # ---- evaluation ----------------------------------------------------------------------------------
@@ -282,7 +294,7 @@ def run_continual(cfg: DictConfig, run_dir: str | Path) -> dict:
         write_text_atomic(json.dumps({"task": task + 1, "state": "training", "time": time.time()}) + "\n", run_dir / "progress.json")
         train, val = stream.train_val(task)
         model.add_task(len(classes))
-        info = train_task(model, task, train, val, cfg, logger)
+        info = train_task(model, task, train, val, cfg, logger, stream.tasks)
         if task == 0:
             model.finish_first_task()
         steps += info["steps"]
