@@ -262,3 +262,10 @@ def test_sigkill_during_task_3_then_rerun_continues_at_task_3(tmp_path):
     assert metrics["params_added"][1] == metrics["params_added"][2] > 0
     assert "continual/til_matrix" in image_tags(run / "tb")
     assert "class-incremental accuracy" in second.stdout and "task-incremental accuracy" in second.stdout
+
+    # the frozen task-1 backbone exports like a pretraining run's and loads into timm strictly
+    from selfsup.export import create_timm_model_from_export, export_backbone
+
+    out = export_backbone(run / "checkpoints" / "continual.pt", tmp_path / "cct.safetensors")
+    net = create_timm_model_from_export(out)
+    assert torch.equal(net.state_dict()["blocks.0.attn.q.weight"], final["state_dict"]["backbone.net.blocks.0.attn.q.weight"])
