@@ -79,3 +79,26 @@ register_backbone(
     "vit_tiny_test", family="vit", timm_name="vit_tiny_patch16_224", description="tests: ViT, dim 32, depth 2, 32 px patch 4",
     img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2,
 )(lambda **kw: _timm("vit_tiny_patch16_224", **kw))
+
+
+def _cct(timm_name: str, kwargs: dict):
+    import selfsup.backbones.cct  # noqa: F401  (registers the selfsup_cct_* names in timm)
+
+    return _timm(timm_name, **kwargs)
+
+
+# ConTraCon's compact convolutional transformers (selfsup/backbones/cct.py), 32 px unless noted;
+# the re-weighting of selfsup/continual works on these and on the ViTs above
+for _name, _variant, _desc in [
+    ("cct_6", "cct_6_3x1", "CCT-6 (ConTraCon, CIFAR): 1 tokenizer conv 3x3, 32 px -> 256 tokens, 256-d, 4 heads"),
+    ("cct_6_3x1", "cct_6_3x1", "CCT-6, 1 tokenizer conv 3x3 (same as cct_6)"),
+    ("cct_6_3x2", "cct_6_3x2", "CCT-6, 2 tokenizer convs 3x3: 32 px -> 64 tokens (CPU-sized)"),
+    ("cct_7_3x1", "cct_7_3x1", "CCT-7 (ConTraCon, 5-datasets): 1 tokenizer conv 3x3, 32 px"),
+    ("cct_7_3x2", "cct_7_3x2", "CCT-7, 2 tokenizer convs 3x3: 32 px -> 64 tokens"),
+    ("cct_6_5x2", "cct_6_5x2", "CCT-6 (ConTraCon, TinyImageNet): 2 tokenizer convs 5x5, use img_size=64"),
+    ("cct_6_3x3", "cct_6_3x3", "CCT-6 (ConTraCon, ImageNet-100): 3 tokenizer convs 3x3, use img_size=224"),
+    ("cct_tiny_test", "cct_tiny_test", "tests: CCT, 2 layers, 32-d, 2 heads, 32 px"),
+]:
+    register_backbone(_name, family="vit", timm_name=f"selfsup_{_variant}", description=_desc)(
+        lambda _n=_variant, **kw: _cct(f"selfsup_{_n}", kw)
+    )

@@ -15,6 +15,7 @@ EPILOG = """examples:
   submit probe runs/rotnet-convnet4-20261126-101500 data=fashion_mnist
   submit export runs/rotnet-convnet4-20261126-101500 -o backbone.safetensors
   submit shards ./my_images ./my_shards
+  submit continual contracon cct_6_3x2 data=split_fashion_mnist tasks=5   # ConTraCon, tasks learnt in order
   submit pretrain spark convnext_b cluster=slurm nodes=4 gpus_per_node=8 strategy=deepspeed_stage_2 --dry-run
   submit status runs/spark-convnext_b-20261126-101500          # its Slurm job(s); `submit status`: recent runs
   submit logs runs/spark-convnext_b-20261126-101500
@@ -43,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a run folder, a .ckpt file or a DeepSpeed checkpoint folder")
     p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
     p.add_argument("--format", choices=("timm", "torchvision"), default="timm", help="key names to use (default: timm)")
+
+    p = sub.add_parser("continual", help="learn a sequence of classification tasks (ConTraCon), resumable per task")
+    p.add_argument("method", help="a continual method: contracon")
+    p.add_argument("backbone", help="a transformer backbone (cct_6, cct_6_3x2, vit_t, ...)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="e.g. data=split_fashion_mnist tasks=5 (data=split_digits, or labelled shards data=DIR data.test=DIR)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and the task split without running")
 
     p = sub.add_parser("shards", help="write WebDataset shards from an image folder or a built-in dataset")
     p.add_argument("source", help="an image folder (class sub-folders give labels) or a built-in dataset name")

@@ -117,6 +117,28 @@ def probe(args) -> int:
     return run_probe_command(args.target, args.overrides)
 
 
+def continual(args) -> int:
+    from selfsup.continual.config import resolve
+    from selfsup.launch.config import to_yaml
+
+    cfg, run_dir, resumed = resolve(args.method, args.backbone, args.overrides)
+    if args.dry_run:
+        print(f"# run folder: {run_dir}" + (" (resumed)" if resumed else ""))
+        print(to_yaml(cfg), end="")
+        return 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    print(f"selfsup: run folder {run_dir}  (tensorboard --logdir {run_dir / 'tb'})", flush=True)
+    from selfsup.continual.train import run_continual
+
+    result = run_continual(cfg, run_dir)
+    s = result["summary"]
+    print(f"selfsup: {s['tasks_done']} tasks done; metrics {run_dir / 'metrics.json'}; "
+          f"checkpoint {run_dir / 'checkpoints' / 'continual.pt'}"
+          + (f"; skipped {result['skipped_samples']} corrupt samples" if result["skipped_samples"] else ""))
+    return 0
+
+
 def export(args) -> int:
     from selfsup.export import export_backbone
 
@@ -152,6 +174,10 @@ def methods(args) -> int:
 
     for name, entry in METHODS.items():
         print(f"{name:<12} backbones: {'/'.join(entry.families):<12} {entry.summary}")
+    from selfsup.continual.config import METHODS as CONTINUAL
+
+    for name, summary in CONTINUAL.items():
+        print(f"{name:<12} backbones: {'vit':<12} (submit continual) {summary}")
     return 0
 
 

@@ -1,0 +1,97 @@
+"""Config of `submit continual`: configs/continual/<method>.yaml -> data -> per-backbone -> key=value.
+No torch here (CLI start-up)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from selfsup.errors import UserError, unknown_choice
+from selfsup.launch.config import _load, config_root, parse_overrides, select_data, set_key
+
+METHODS = {"contracon": "exemplar-free continual transformer: per-head convolutional re-weighting of Q/K/V per task"}
+ALIASES = {
+    "tasks": "continual.tasks",
+    "epochs": "continual.epochs",
+    "init": "continual.init",
+    "kernel_size": "continual.kernel_size",
+    "batch_size": "data.batch_size",
+    "image_size": "data.image_size",
+}
+
+
+def continual_data_names() -> list[str]:
+    return sorted(p.stem for p in (config_root() / "continual" / "data").glob("*.yaml"))
+
+
+def _pairs(overrides: list[str]) -> list[tuple[str, str]]:
+    mapped = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        mapped.append(f"{ALIASES.get(key.strip(), key.strip())}{sep}{value}")
+    return parse_overrides(mapped)
+
+
+def _select_data(cfg: DictConfig, value: str) -> DictConfig:
+    if value in continual_data_names():
+        return OmegaConf.merge(cfg, _load(config_root() / "continual" / "data" / f"{value}.yaml"))
+    try:
+        return select_data(cfg, value)
+    except UserError:
+        raise unknown_choice("data (a split dataset, a built-in dataset or a shard path/pattern)", value,
+                             continual_data_names() + ["fashion_mnist", "digits"]) from None
+
+
+def compose(method: str, backbone: str, overrides: list[str], base: DictConfig | None = None) -> DictConfig:
+    from selfsup.backbones import get_spec
+
+    if method not in METHODS:
+        raise unknown_choice("continual method", method, METHODS)
+    spec = get_spec(backbone)
+    if spec.family != "vit":
+        raise UserError(f"{method} re-weights attention weights: it needs a transformer backbone (cct_*, vit_*), "
+                        f"not {backbone} (a {spec.family})")
+    pairs = _pairs(overrides)
+    if base is None:
+        cfg = _load(config_root() / "continual" / f"{method}.yaml")
+        per_backbone = cfg.pop("backbones", None) or {}
+        cfg.backbone.name = backbone
+        data = dict(pairs).get("data", "split_fashion_mnist")
+        cfg = _select_data(cfg, data)
+        if backbone in per_backbone:
+            cfg = OmegaConf.merge(cfg, per_backbone[backbone])
+    else:
+        cfg = base.copy()
+        if "data" in dict(pairs):
+            cfg = _select_data(cfg, dict(pairs)["data"])
+    for key, raw in pairs:
+        if key != "data":
+            set_key(cfg, key, raw)
+    if cfg.continual.tasks < 1:
+        raise UserError(f"tasks={cfg.continual.tasks}: need at least one task")
+    return cfg
+
+
+def resolve(method: str, backbone: str, overrides: list[str]) -> tuple[DictConfig, Path, bool]:
+    """(config, run folder, resumed?). `resume=RUN`, or a `run_name` whose folder exists, continues
+    that run with its saved config (overrides apply on top)."""
+    resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
+    rest = [o for o in overrides if not o.startswith("resume=")]
+    if resume is None:
+        cfg = compose(method, backbone, rest)
+        name = cfg.run_name or f"{method}-{backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder = Path(cfg.run_dir) / name
+        if not (folder / "config.yaml").exists():
+            return cfg, folder, False
+        resume = str(folder)
+    folder = Path(resume)
+    if not (folder / "config.yaml").exists():
+        raise UserError(f"resume={resume!r} is not a run folder (no config.yaml in it)")
+    base = OmegaConf.load(folder / "config.yaml")
+    if (base.method.name, base.backbone.name) != (method, backbone):
+        raise UserError(f"{resume!r} is a {base.method.name} {base.backbone.name} run, not {method} {backbone}")
+    cfg = compose(method, backbone, rest, base=base)
+    cfg.resume = str(folder)
+    return cfg, folder, True
