@@ -192,7 +192,7 @@ def decode_chunk(sample: dict) -> Chunk:
 
     header = json.loads(sample["json"])
     with Image.open(io.BytesIO(sample["png"])) as img:
-        frames = np.asarray(img.convert("L")).reshape(-1, FRAME_SIZE, FRAME_SIZE)
+        frames = np.array(img.convert("L")).reshape(-1, FRAME_SIZE, FRAME_SIZE)
     ram = np.load(io.BytesIO(sample["ram.npy"]), allow_pickle=False)
     if len(ram) != len(frames):
         raise ValueError(f"chunk {sample.get('__key__')}: {len(frames)} frames but {len(ram)} RAM rows")
