@@ -84,8 +84,9 @@ class Episode:
     terminated: bool  # False: cut by the frame budget or the episode cap
 
 
-def play(game: str, frames: int, seed: int) -> Iterator[Episode]:
-    """Play `game` for `frames` observations in total (the last episode may be cut short)."""
+def play(game: str, frames: int, seed: int, max_episode_frames: int = MAX_EPISODE_FRAMES) -> Iterator[Episode]:
+    """Play `game` for `frames` observations in total (the last episode may be cut short; an
+    episode longer than `max_episode_frames` observations is cut there and the game reset)."""
     import ale_py
     import gymnasium as gym
 
@@ -102,7 +103,7 @@ def play(game: str, frames: int, seed: int) -> Iterator[Episode]:
             prev_screen = screen
             obs, rams = [preprocess(screen, screen)], [ale.getRAM().copy()]
             action, done, terminated = int(rng.integers(n_actions)), False, False
-            while not done and made + len(obs) < frames and len(obs) < MAX_EPISODE_FRAMES:
+            while not done and made + len(obs) < frames and len(obs) < max_episode_frames:
                 if rng.random() >= ACTION_REPEAT:
                     action = int(rng.integers(n_actions))
                 for _ in range(FRAME_SKIP):
@@ -200,22 +201,24 @@ def decode_chunk(sample: dict) -> Chunk:
                  header["start"], header["own"], header["first_frame"], frames, ram)
 
 
-def split_samples(games: list[str], frames: int, split: str, seed: int, stats: dict) -> Iterator[dict]:
+def split_samples(games: list[str], frames: int, split: str, seed: int, stats: dict,
+                  max_episode_frames: int = MAX_EPISODE_FRAMES, chunk_starts: int = CHUNK_STARTS) -> Iterator[dict]:
     """Chunks of every game in turn; `frames` observations in all, shared evenly across the games."""
     per_game = [frames // len(games) + (i < frames % len(games)) for i in range(len(games))]
     for gi, (game, n) in enumerate(zip(games, per_game, strict=True)):
-        for ep in play(game, n, seed=seed * 1000 + gi):
+        for ep in play(game, n, seed=seed * 1000 + gi, max_episode_frames=max_episode_frames):
             stats["frames"] += len(ep.frames)
             stats["episodes"] += 1
             stats["samples"] += stack_starts(len(ep.frames))
             stats["per_game"].setdefault(game, {"frames": 0, "episodes": 0})
             stats["per_game"][game]["frames"] += len(ep.frames)
             stats["per_game"][game]["episodes"] += 1
-            yield from episode_chunks(ep, split)
+            yield from episode_chunks(ep, split, chunk_starts)
 
 
 def write_atari_shards(out: str | Path, games: list[str] | tuple[str, ...] = DEFAULT_GAMES, frames: int = 10_000,
-                       test_frames: int | None = None, seed: int = 0, samples_per_shard: int = 20) -> dict:
+                       test_frames: int | None = None, seed: int = 0, samples_per_shard: int = 20,
+                       max_episode_frames: int = MAX_EPISODE_FRAMES, chunk_starts: int = CHUNK_STARTS) -> dict:
     """`submit shards atari OUT`: OUT/train and OUT/test (held-out episodes: other seeds), each with
     index.json counting temporal samples (stack starts) per shard. Returns timing and counts."""
     from selfsup.data.shards import write_shards
@@ -223,6 +226,8 @@ def write_atari_shards(out: str | Path, games: list[str] | tuple[str, ...] = DEF
     games = check_games(list(games))
     if frames < 3 * len(games):
         raise UserError(f"--frames {frames} is too few for {len(games)} game(s)")
+    if max_episode_frames < STACK + 2 * OFFSET:
+        raise UserError(f"--max-episode-frames {max_episode_frames} is too short (at least {STACK + 2 * OFFSET})")
     test_frames = frames // 5 if test_frames is None else test_frames
     out = Path(out)
     report = {"games": games, "splits": {}}
@@ -231,7 +236,8 @@ def write_atari_shards(out: str | Path, games: list[str] | tuple[str, ...] = DEF
             continue
         stats = {"frames": 0, "episodes": 0, "samples": 0, "per_game": {}}
         wall, cpu = time.perf_counter(), time.process_time()
-        write_shards(split_samples(games, n, split, split_seed, stats), out / split, prefix=split,
+        samples = split_samples(games, n, split, split_seed, stats, max_episode_frames, chunk_starts)
+        write_shards(samples, out / split, prefix=split,
                      samples_per_shard=samples_per_shard, desc=f"atari/{split} ({'+'.join(games)})",
                      weight=lambda s: json.loads(s["json"])["own"], unit="chunk",
                      extra=lambda stats=stats, split_seed=split_seed: {"atari": {

@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=10000, help="atari: observations for train, shared across the games")
     p.add_argument("--test-frames", type=int, default=None, help="atari: held-out episodes for test (default frames/5)")
     p.add_argument("--seed", type=int, default=0, help="atari: seed of play (test uses seed+1)")
+    p.add_argument("--max-episode-frames", type=int, default=27000, help="atari: cut (and reset) longer episodes")
 
     p = sub.add_parser("status", help="state of a run's Slurm job(s) and last checkpoint, or a list of recent runs")
     p.add_argument("run", nargs="?", help="a run folder (default: list the recent runs under --run-dir)")
