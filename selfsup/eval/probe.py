@@ -37,6 +37,8 @@ def probe_config(overrides: list[str], run_cfg: DictConfig | None) -> DictConfig
     data_choice = dict(pairs).get("data")
     if data_choice is None and run_cfg is not None and run_cfg.data.name != "shards":
         data_choice = run_cfg.data.name
+    if data_choice is None and run_cfg is not None and run_cfg.method.name == "tov_vicreg":
+        data_choice = "atari_ram"  # a run on Atari shards: the RAM probe (data.train / data.test name the split folders)
     if data_choice is None and not any(k == "data.test" for k, _ in pairs):
         data_choice = "fashion_mnist"
     if data_choice:
