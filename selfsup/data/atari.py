@@ -51,8 +51,11 @@ RAM_VARIABLES: dict[str, dict[str, int]] = {
 
 
 def check_games(games: list[str] | tuple[str, ...]) -> list[str]:
-    import ale_py
-    import gymnasium as gym
+    try:
+        import ale_py
+        import gymnasium as gym
+    except ImportError as err:
+        raise UserError(f"Atari play needs ale-py and gymnasium: pip install -e '.[atari]' ({err})") from None
 
     gym.register_envs(ale_py)
     out = []
