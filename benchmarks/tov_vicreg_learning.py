@@ -66,7 +66,11 @@ def main() -> None:
         rows[label] = {"mean_f1": result["mean_f1"], "step": result["global_step"], "minutes": minutes,
                        "per_game": result["per_game_mean_f1"], "run": name}
         print(f"{label}: {result['global_step']} steps in {minutes:.1f} min, RAM mean F1 {result['mean_f1']:.3f}", flush=True)
-    kwargs = ["backbone.kwargs.img_size=84", "backbone.kwargs.patch_size=8"] if args.backbone.startswith("vit") else []
+    # the random-init baseline is built exactly like the pretrained encoder (same backbone kwargs)
+    from omegaconf import OmegaConf
+
+    run_kwargs = OmegaConf.load(Path(args.run_dir) / rows["TOV-VICReg"]["run"] / "config.yaml").backbone.kwargs
+    kwargs = [f"backbone.kwargs.{k}={v}" for k, v in run_kwargs.items()]
     for label, target, extra in ((f"random init ({args.backbone})", f"random:{args.backbone}", kwargs),
                                  ("raw pixels (last frame)", "pixels", [])):
         result = run_probe(target, [*probe_args, *extra])

@@ -189,7 +189,7 @@ def test_head_sees_current_previous_next_in_the_sampled_order():
     assert expander(8, [16, 4])(torch.randn(3, 8)).shape == (3, 4)
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_end_to_end_pretrain_and_ram_probe(tmp_path):
     data = tmp_path / "atari"
     run_submit("shards", "atari", data, "--games", "Pong,Breakout", "--frames", "400", "--test-frames", "200",
