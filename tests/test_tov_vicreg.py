@@ -102,6 +102,17 @@ def test_terms_are_float32_under_bf16_inputs():
         assert v.item() == pytest.approx(full[k].item(), rel=1e-6), k
 
 
+def test_terms_stay_float32_inside_autocast():
+    g = torch.Generator().manual_seed(6)
+    p_x, p_y = torch.randn(64, 256, generator=g), torch.randn(64, 256, generator=g)
+    logits, labels = torch.randn(64, generator=g), torch.ones(64)
+    full = tov_vicreg_loss(p_x, p_y, logits, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = tov_vicreg_loss(p_x, p_y, logits, labels)
+    for k, v in amp.items():  # a bf16 covariance matmul would be off by ~1e-3 relative
+        assert v.dtype == torch.float32 and v.item() == pytest.approx(full[k].item(), rel=1e-6), k
+
+
 def test_temporal_labels_identity_only_and_one_in_six():
     perms, labels = sample_permutations(60000, generator=torch.Generator().manual_seed(5))
     identity = (perms == torch.tensor([0, 1, 2])).all(1)

@@ -64,12 +64,14 @@ def temporal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def tov_vicreg_loss(p_x, p_y, logits, labels, *, sim: float = 10.0, std: float = 10.0, cov: float = 10.0,
                     temporal: float = 0.1, gamma: float = 1.0, eps: float = 1e-4) -> dict[str, torch.Tensor]:
-    """L = sim * I + std * V + cov * Cv + temporal * T, with every term (for logging)."""
-    terms = {
-        "invariance": invariance_loss(p_x, p_y),
-        "variance": variance_loss(p_x, p_y, gamma, eps),
-        "covariance": covariance_loss(p_x, p_y),
-        "temporal": temporal_loss(logits, labels),
-    }
+    """L = sim * I + std * V + cov * Cv + temporal * T, with every term (for logging). Autocast is
+    switched off here: under it the covariance matmul would run in bf16/fp16 even on float32 inputs."""
+    with torch.autocast(device_type=p_x.device.type, enabled=False):
+        terms = {
+            "invariance": invariance_loss(p_x, p_y),
+            "variance": variance_loss(p_x, p_y, gamma, eps),
+            "covariance": covariance_loss(p_x, p_y),
+            "temporal": temporal_loss(logits, labels),
+        }
     loss = sim * terms["invariance"] + std * terms["variance"] + cov * terms["covariance"] + temporal * terms["temporal"]
     return {"loss": loss, **terms}
