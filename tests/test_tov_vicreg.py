@@ -230,5 +230,5 @@ def test_end_to_end_pretrain_and_ram_probe(tmp_path):
                           ("pixels", [])):
         proc = run_submit("probe", target, *probe_args, *extra, timeout=1200, check=True)
         assert "mean F1" in proc.stdout
-    bad = run_submit("probe", run, "data=atari_ram", "data.train=/nonexistent/x.tar")
+    bad = run_submit("probe", run, "data=atari_ram", "data.train=/nonexistent/x.tar", f"data.test={data}/test")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
