@@ -13,7 +13,7 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from selfsup.errors import UserError
@@ -36,8 +36,15 @@ def write_shards(
     classes: list[str] | None = None,
     desc: str = "writing shards",
     keep_existing: bool = False,
+    weight: Callable[[dict], int] | None = None,
+    unit: str = "img",
+    extra: Callable[[], dict] | None = None,
 ) -> list[Path]:
-    """Write `samples` (dicts in webdataset form) as `out_dir/<prefix>-000000.tar`, ... atomically."""
+    """Write `samples` (dicts in webdataset form) as `out_dir/<prefix>-000000.tar`, ... atomically.
+
+    index.json counts samples per shard, or with `weight` the training samples each stored sample
+    gives (e.g. the temporal samples of an episode chunk; the stored ones are then under "stored");
+    `extra()` is merged into it after the last sample."""
     import webdataset as wds
     from tqdm import tqdm
 
@@ -48,14 +55,21 @@ def write_shards(
     tmp = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}-{os.urandom(4).hex()}")
     tmp.mkdir(parents=True)
     counts: list[int] = []
+    weights: list[int] = []
     with wds.ShardWriter(str(tmp / f"{prefix}-%06d.tar"), maxcount=samples_per_shard, verbose=0) as sink:
-        for sample in tqdm(samples, total=total, desc=desc, unit="img", dynamic_ncols=True, mininterval=0.5):
+        for sample in tqdm(samples, total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5):
             if not counts or counts[-1] == samples_per_shard:
                 counts.append(0)
+                weights.append(0)
             sink.write(sample)
             counts[-1] += 1
+            weights[-1] += weight(sample) if weight else 1
     shards = sorted(p.name for p in tmp.glob(f"{prefix}-*.tar"))
-    index = {"shards": dict(zip(shards, counts, strict=True)), "classes": classes}
+    index = {"shards": dict(zip(shards, weights, strict=True)), "classes": classes}
+    if weight:
+        index["stored"] = dict(zip(shards, counts, strict=True))
+    if extra:
+        index.update(extra())
     (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1))
     if out_dir.exists():
         if keep_existing and (out_dir / INDEX_FILE).exists():  # another writer finished first

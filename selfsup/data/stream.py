@@ -122,6 +122,10 @@ def resolve_split(data_cfg, split: str) -> str | list[str]:
 
     if data_cfg.name in BUILTIN:
         return str(builtin_shards(data_cfg.name, split, data_cfg.get("cache_dir")))
+    if data_cfg.name in ("atari", "atari_ram"):  # built-in Atari play (Pong + Breakout), made on first use
+        from selfsup.data.atari import atari_cache
+
+        return str(atari_cache(split, data_cfg.get("cache_dir")))
     raise UserError(f"no {split} shards: set data.{split}=<shards> (or data=<built-in dataset>: {', '.join(BUILTIN)})")
 
 
@@ -133,8 +137,11 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def make_stream(urls, decoder, *, batch_size, num_workers, shuffle_buffer, resampled, seed, batches_per_rank=None):
-    """Endless training stream (batches_per_rank set) or a single ordered pass (None)."""
+def make_stream(urls, decoder, *, batch_size, num_workers, shuffle_buffer, resampled, seed, batches_per_rank=None,
+                expand: Callable | None = None):
+    """Endless training stream (batches_per_rank set) or a single ordered pass (None). `expand` (an
+    iterator -> iterator stage) turns each stored sample into several (e.g. an episode chunk into its
+    temporal samples, see selfsup.data.temporal); the shuffle buffer then mixes what it yields."""
     import webdataset as wds
 
     training = batches_per_rank is not None
@@ -155,6 +162,10 @@ def make_stream(urls, decoder, *, batch_size, num_workers, shuffle_buffer, resam
     )
     if training and not resampled:
         dataset = dataset.repeat()
+    if expand is not None:
+        if training and shuffle_buffer:
+            dataset = dataset.shuffle(min(shuffle_buffer, 64), initial=min(shuffle_buffer, 16))
+        dataset = dataset.compose(expand)
     if training and shuffle_buffer:
         dataset = dataset.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000))
     dataset = dataset.map(decoder).select(lambda s: s is not None)
@@ -188,9 +199,14 @@ class ShardDataModule(LightningDataModule):
 
     def train_dataloader(self):
         rank, _ = world()
+        if hasattr(self.train_view, "stream_stages"):  # a view over stored sequences (temporal samples)
+            expand, decoder = self.train_view.stream_stages(self.skipped)
+        else:
+            expand, decoder = None, SampleDecoder(self.train_view, self.skipped)
         return make_stream(
             self.urls,
-            SampleDecoder(self.train_view, self.skipped),
+            decoder,
+            expand=expand,
             batch_size=self.cfg.batch_size,
             num_workers=self.cfg.num_workers,
             shuffle_buffer=self.cfg.shuffle_buffer,

@@ -39,6 +39,8 @@ def probe_config(overrides: list[str], run_cfg: DictConfig | None) -> DictConfig
     data_choice = dict(pairs).get("data")
     if data_choice is None and run_cfg is not None and run_cfg.data.name != "shards":
         data_choice = run_cfg.data.name
+    if data_choice is None and run_cfg is not None and run_cfg.method.name == "tov_vicreg":
+        data_choice = "atari_ram"  # a run on Atari shards: the RAM probe (data.train / data.test name the split folders)
     if data_choice is None and not any(k == "data.test" for k, _ in pairs):
         data_choice = "fashion_mnist"
     if data_choice:
@@ -71,8 +73,8 @@ class PixelFeatures(torch.nn.Module):
         return x.flatten(1)
 
 
-def load_target(target: str) -> ProbeTarget:
-    """`pixels`, `random:<backbone>`, a .safetensors export, a .ckpt, or a run folder."""
+def load_target(target: str, backbone_kwargs: dict | None = None) -> ProbeTarget:
+    """`pixels`, `random:<backbone>` (built with `backbone_kwargs`), a .safetensors export, a .ckpt, or a run folder."""
     from selfsup.backbones import create_backbone
 
     if target == "pixels":
@@ -80,7 +82,8 @@ def load_target(target: str) -> ProbeTarget:
     if target.startswith("random:"):
         name = target.split(":", 1)[1]
         torch.manual_seed(0)
-        return ProbeTarget(create_backbone(name), f"random:{name}")
+        kwargs = dict(backbone_kwargs or {})
+        return ProbeTarget(create_backbone(name, **kwargs), f"random:{name}:{json.dumps(kwargs, sort_keys=True)}")
     path = Path(target)
     if path.suffix == ".safetensors":
         from selfsup.export import load_export
@@ -157,9 +160,26 @@ def format_table(result: dict, title: str) -> str:
     ])
 
 
+def backbone_kwargs(overrides: list[str]) -> dict:
+    """`backbone.kwargs.<k>=<v>` overrides: how to build the backbone of a `random:<backbone>` target
+    (e.g. backbone.kwargs.img_size=84 backbone.kwargs.patch_size=8)."""
+    from selfsup.launch.config import parse_overrides, parse_value
+
+    prefix = "backbone.kwargs."
+    return {k[len(prefix):]: parse_value(v) for k, v in parse_overrides(overrides) if k.startswith(prefix)}
+
+
 def run_probe(target: str, overrides: list[str]) -> dict:
-    loaded = load_target(target)
+    kwargs = backbone_kwargs(overrides)
+    if kwargs and not target.startswith("random:"):
+        raise UserError("backbone.kwargs.* only applies to random:<backbone> (a trained target carries its own)")
+    loaded = load_target(target, kwargs)
+    overrides = [o for o in overrides if not o.startswith("backbone.kwargs.")]
     cfg = probe_config(overrides, loaded.run_cfg)
+    from selfsup.eval.atari_ram import ATARI_DATA, run_ram_probe
+
+    if cfg.data.name in ATARI_DATA:
+        return run_ram_probe(loaded, cfg, target)
     cache_dir = loaded.run_dir / "probe" if loaded.run_dir else None
     features = probe_features(loaded.backbone, cfg, cache_dir, loaded.identity)
     result = evaluate(*features, cfg)
@@ -185,5 +205,10 @@ def run_probe_command(target: str, overrides: list[str]) -> int:
         raise UserError(f"{target!r} does not exist (give a run folder, a .ckpt, a .safetensors export, "
                         "random:<backbone> or pixels)")
     result = run_probe(target, overrides)
-    print(format_table(result, target))
+    if "mean_f1" in result:
+        from selfsup.eval.atari_ram import format_ram_table
+
+        print(format_ram_table(result, target))
+    else:
+        print(format_table(result, target))
     return 0

@@ -16,6 +16,7 @@ EPILOG = """examples:
   submit export runs/rotnet-convnet4-20261126-101500 -o backbone.safetensors
   submit shards ./my_images ./my_shards
   submit continual contracon cct_6_3x2 data=split_fashion_mnist tasks=5   # ConTraCon, tasks learnt in order
+  submit shards atari ./atari --games Pong,Breakout --frames 100000    # ordered episodes for tov_vicreg
   submit pretrain spark convnext_b cluster=slurm nodes=4 gpus_per_node=8 strategy=deepspeed_stage_2 --dry-run
   submit status runs/spark-convnext_b-20261126-101500          # its Slurm job(s); `submit status`: recent runs
   submit logs runs/spark-convnext_b-20261126-101500
@@ -52,10 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e.g. data=split_fashion_mnist tasks=5 (data=split_digits, or labelled shards data=DIR data.test=DIR)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and the task split without running")
 
-    p = sub.add_parser("shards", help="write WebDataset shards from an image folder or a built-in dataset")
-    p.add_argument("source", help="an image folder (class sub-folders give labels) or a built-in dataset name")
+    p = sub.add_parser("shards", help="write WebDataset shards from an image folder, a built-in dataset or Atari play")
+    p.add_argument("source", help="an image folder (class sub-folders give labels), a built-in dataset name, or "
+                                  "`atari` (play games with ale-py: ordered episodes of 84x84 frames + RAM)")
     p.add_argument("output", help="the folder to write the shards into")
-    p.add_argument("--samples-per-shard", type=int, default=5000)
+    p.add_argument("--samples-per-shard", type=int, default=None,
+                   help="samples per shard (default 5000; atari: 20 episode chunks of 256 frames)")
+    p.add_argument("--games", default="Pong,Breakout", help="atari: comma-separated ALE game names")
+    p.add_argument("--frames", type=int, default=10000, help="atari: observations for train, shared across the games")
+    p.add_argument("--test-frames", type=int, default=None, help="atari: held-out episodes for test (default frames/5)")
+    p.add_argument("--seed", type=int, default=0, help="atari: seed of play (test uses seed+1)")
+    p.add_argument("--max-episode-frames", type=int, default=27000, help="atari: cut (and reset) longer episodes")
 
     p = sub.add_parser("status", help="state of a run's Slurm job(s) and last checkpoint, or a list of recent runs")
     p.add_argument("run", nargs="?", help="a run folder (default: list the recent runs under --run-dir)")

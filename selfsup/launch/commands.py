@@ -148,9 +148,17 @@ def export(args) -> int:
 
 
 def shards(args) -> int:
+    if args.source == "atari" and not Path("atari").exists():
+        from selfsup.data.atari import report_line, write_atari_shards
+
+        report = write_atari_shards(args.output, args.games.split(","), frames=args.frames, test_frames=args.test_frames,
+                                    seed=args.seed, samples_per_shard=args.samples_per_shard or 20,
+                                    max_episode_frames=args.max_episode_frames)
+        print(report_line(report, args.output))
+        return 0
     from selfsup.data.shards import write_shards_from
 
-    written = write_shards_from(args.source, args.output, samples_per_shard=args.samples_per_shard)
+    written = write_shards_from(args.source, args.output, samples_per_shard=args.samples_per_shard or 5000)
     print(f"selfsup: wrote {len(written)} shards to {args.output}")
     return 0
 

@@ -19,6 +19,8 @@ class MethodEntry:
 METHODS: dict[str, MethodEntry] = {
     "rotnet": MethodEntry("selfsup.ssl.rotnet:RotNet", ("convnet", "vit"), "predict the rotation (0/90/180/270) of every image"),
     "obow": MethodEntry("selfsup.ssl.obow.method:OBoW", ("convnet",), "online bag-of-visual-words: EMA teacher, multi-crop student"),
+    "tov_vicreg": MethodEntry("selfsup.ssl.tov_vicreg.method:TOVVICReg", ("vit", "convnet"),
+                              "VICReg + temporal order verification on 3-frame stacks (Atari episodes)"),
     "spark": MethodEntry("selfsup.ssl.spark.method:SparK", ("convnet",), "sparse masked modelling: reconstruct masked patches"),
 }
 
