@@ -34,3 +34,11 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     if str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+
+
+def apply_precision(cfg) -> bool:
+    """Resolve `cfg.trainer.precision` in place; True when it was `auto` (the caller says what it became)."""
+    resolved = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    changed = resolved != str(cfg.trainer.precision)
+    cfg.trainer.precision = resolved
+    return changed

@@ -25,8 +25,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=(), module=Non
 
     from selfsup.launch.callbacks import ImagesPerSecond
     from selfsup.launch.checkpointing import AtomicCheckpointIO, LastCheckpoint
+    from selfsup.launch.precision import apply_precision
     from selfsup.launch.strategies import build_strategy, strategy_callbacks, sync_batchnorm
 
+    apply_precision(cfg)  # run_pretrain has resolved it already; other callers get the same rule
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs = {k: v for k, v in trainer_kwargs.items() if v is not None}
     callbacks = [
@@ -59,15 +61,13 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) -> di
 
     from selfsup.data.stream import ShardDataModule
     from selfsup.launch.checkpointing import read_last_info, resolve_last
-    from selfsup.launch.precision import resolve_precision
+    from selfsup.launch.precision import apply_precision
     from selfsup.launch.strategies import check_strategy
     from selfsup.ssl import method_class
 
     run_dir = Path(run_dir)
-    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    if precision != str(cfg.trainer.precision):
-        print(f"selfsup: trainer.precision=auto -> {precision} on this machine", flush=True)
-        cfg.trainer.precision = precision
+    if apply_precision(cfg):
+        print(f"selfsup: trainer.precision=auto -> {cfg.trainer.precision} on this machine", flush=True)
     check_strategy(cfg)
     last = resolve_last(run_dir / "checkpoints")
     resume_step = int((read_last_info(run_dir / "checkpoints") or {}).get("global_step", 0)) if last else 0
