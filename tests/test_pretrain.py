@@ -52,9 +52,15 @@ def test_dry_run_prints_config_without_running(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def _restore_sigint():
+    # a shell's background job (`make test &`, nohup) inherits SIGINT ignored, and Python then installs
+    # no KeyboardInterrupt handler: give the run a terminal's Ctrl-C whatever started pytest
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args, tmp_path):
     return subprocess.Popen([sys.executable, "-m", "selfsup.launch.cli", "pretrain", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_restore_sigint)
 
 
 def _wait_for_checkpoint(path: Path, proc, timeout=180):
