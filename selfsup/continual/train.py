@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from selfsup.continual.data import ArrayDataset, TaskArrays, TaskStream, normali
 from selfsup.continual.model import ContinualTransformer
 from selfsup.continual.taskid import classify_all_tasks, make_views
 from selfsup.errors import UserError
+from selfsup.launch.checkpointing import save_atomic
 
 CHECKPOINT = "continual.pt"
 
@@ -218,21 +218,7 @@ def evaluate(model: ContinualTransformer, stream: TaskStream, upto: int, cfg: Di
     return {"til": til, "cil": cil or None, "task_id": tid or None, "til_samples": til_n, "cil_samples": cil_n or None}
 
 
-# ---- checkpoints ------------------------------------------------------------------------------
-def save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
+# ---- checkpoints (save_atomic: selfsup/launch/checkpointing.py) ---------------------------------
 def write_text_atomic(text: str, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
