@@ -22,7 +22,8 @@ MARGIN = 1.0
 def test_rotnet_beats_random_init_and_pixels(tmp_path):
     train = builtin_shards("fashion_mnist", "train")
     probe_args = ["data=fashion_mnist", f"data.train={train}/train-{{000000..000001}}.tar"]  # 10k train images
-    run_submit("pretrain", "rotnet", BACKBONE, f"trainer.max_steps={STEPS}", "trainer.enable_progress_bar=false",
+    # fp32: the margin was calibrated in fp32 (85.3 vs 83.5); in bf16 one run of two fell below it
+    run_submit("pretrain", "rotnet", BACKBONE, f"trainer.max_steps={STEPS}", "trainer.precision=32-true", "trainer.enable_progress_bar=false",
                f"run_dir={tmp_path}", "run_name=r", timeout=1800, check=True)
     pretrained = run_probe(str(tmp_path / "r"), probe_args)
     random_init = run_probe(f"random:{BACKBONE}", probe_args)
