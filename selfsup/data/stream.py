@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 
 from selfsup.data.shards import builtin_shards, read_index
+from selfsup.data.tarstream import use_fast_tar_reader
 from selfsup.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,7 @@ def make_stream(urls, decoder, *, batch_size, num_workers, shuffle_buffer, resam
         seed=seed,
         handler=wds.warn_and_continue,
     )
+    use_fast_tar_reader(dataset, handler=wds.warn_and_continue)  # webdataset's, less its tarfile overhead
     if training and not resampled:
         dataset = dataset.repeat()
     if expand is not None:

@@ -240,12 +240,15 @@ class View:
             if x is None or x.dtype.is_floating_point:  # already done (e.g. by `__call__`)
                 continue
             shape = x.shape
-            x = x.reshape(-1, *shape[-3:]).float().div_(255.0)
+            x = x.reshape(-1, *shape[-3:])
+            mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+            inv_std = 1.0 / torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+            y = torch.empty(x.shape, dtype=torch.float32, device=x.device).copy_(x)  # one allocation, in place after
             if self.gpu_augment and branch.photometric is not None:
-                x = branch.photometric.batched(x)
-            mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-            std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-            x = ((x - mean) / std).reshape(shape)
+                y = branch.photometric.batched(y.div_(255.0)).sub_(mean).mul_(inv_std)
+            else:
+                y.sub_(mean * 255.0).mul_(inv_std / 255.0)
+            x = y.reshape(shape)
             if branch.after is not None:
                 x = torch.stack([branch.after(xi) for xi in x])
             batch[name] = x
