@@ -43,7 +43,7 @@ from torchvision.transforms import v2  # noqa: E402
 
 from bench_common import Clock, cpu_count, load_average, machine_line, median, photo_dataset  # noqa: E402
 from selfsup.data.stream import ShardDataModule, collate, decode_image  # noqa: E402
-from selfsup.data.views import View, to_float  # noqa: E402
+from selfsup.data.views import Photometric, View, to_float  # noqa: E402
 from selfsup.launch.config import compose  # noqa: E402
 from selfsup.ssl import method_class  # noqa: E402
 
@@ -77,7 +77,7 @@ def _bare(task: tuple[int, int]) -> int:
         n = min(batch_size, count - done)
         samples = [{"key": "", "label": -1, **view.sample(decode_image(jpegs[(start + done + i) % len(jpegs)]))}
                    for i in range(n)]
-        view.batch(collate(samples))
+        view.batch(view.worker_batch(collate(samples)))
         done += n
     return done
 
@@ -135,13 +135,24 @@ def pipeline_iter(cfg, view: View, gpu_augment: bool):
     return it, close, dm
 
 
+def torchvision_photometric(p: Photometric | None) -> list:
+    """The photometric part as the stock torchvision.transforms.v2 transforms."""
+    if p is None:
+        return []
+    return [*([v2.RandomApply([v2.ColorJitter(*p.jitter_strength)], p=p.jitter)] if p.jitter else []),
+            *([v2.RandomGrayscale(p.gray)] if p.gray else []),
+            *([v2.RandomApply([v2.GaussianBlur(p.blur_kernel, sigma=p.blur_sigma)], p=p.blur)] if p.blur else []),
+            *([v2.RandomHorizontalFlip(p.flip)] if p.flip else [])]
+
+
 class ClassicTransform:
-    """The view as a per-image torchvision chain on PIL images (geometry, photometric, to float)."""
+    """The view as the usual per-image chain of stock torchvision transforms on PIL images
+    (geometry, photometric, ToImage/ToDtype/Normalize)."""
 
     def __init__(self, view: View):
         self.parts = {}
         for name, b in view.branches.items():
-            chain = [b.geometry, *(b.photometric.transforms() if b.photometric else []), *to_float(view.mean, view.std)]
+            chain = [b.geometry, *torchvision_photometric(b.photometric), *to_float(view.mean, view.std)]
             self.parts[name] = (v2.Compose(chain), b.copies, b.after)
 
     def __call__(self, image) -> dict:
@@ -212,7 +223,7 @@ def main() -> None:
         for r in range(args.repeats):
             for mode in args.gpu_augment:
                 on = mode == "on"
-                used = view.with_gpu_augment(on)
+                used = view.with_gpu_augment(on, in_workers=on and not torch.cuda.is_available())
                 it, close, dm = pipeline_iter(cfg, view, on)
                 finish = lambda b, dm=dm: dm.on_after_batch_transfer(b, 0)  # noqa: E731
                 times.setdefault(f"pipeline/{mode}", []).append(

@@ -21,6 +21,7 @@ from lightning.pytorch import LightningDataModule
 
 from selfsup.data.shards import builtin_shards, read_index
 from selfsup.data.tarstream import use_fast_tar_reader
+from selfsup.data.views import ViewCollate
 from selfsup.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def world() -> tuple[int, int]:
 
 
 def make_stream(urls, decoder, *, batch_size, num_workers, shuffle_buffer, resampled, seed, batches_per_rank=None,
-                expand: Callable | None = None, prefetch_factor: int | None = None):
+                expand: Callable | None = None, prefetch_factor: int | None = None, collation_fn: Callable = None):
     """Endless training stream (batches_per_rank set) or a single ordered pass (None). `expand` (an
     iterator -> iterator stage) turns each stored sample into several (e.g. an episode chunk into its
     temporal samples, see selfsup.data.temporal); the shuffle buffer then mixes what it yields."""
@@ -203,7 +204,7 @@ def make_stream(urls, decoder, *, batch_size, num_workers, shuffle_buffer, resam
     if training and shuffle_buffer:
         dataset = dataset.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000))
     dataset = dataset.map(decoder).select(lambda s: s is not None)
-    dataset = dataset.batched(batch_size, collation_fn=collate, partial=not training)
+    dataset = dataset.batched(batch_size, collation_fn=collation_fn or collate, partial=not training)
     # pinned host memory where a GPU will take the batch (an asynchronous copy); batches are collated
     # into shared memory in the workers (collate), uint8 for a two-stage view (selfsup.data.views)
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=training and num_workers > 0,
@@ -234,11 +235,19 @@ class ShardDataModule(LightningDataModule):
         _, world_size = world()
         return max(1, self.num_samples // (world_size * self.cfg.batch_size))
 
+    def training_on_gpu(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
     def train_view_in_use(self):
-        """The method's view with `data.gpu_augment` applied (a two-stage View), or the view as given."""
+        """The method's view with `data.gpu_augment` applied (a two-stage View), or the view as given.
+        Without a GPU to train on, the batched augmentations run in the workers, on each batch."""
         view = self.train_view
         if hasattr(view, "with_gpu_augment"):
-            view = view.with_gpu_augment(bool(self.cfg.get("gpu_augment", False)))
+            on = bool(self.cfg.get("gpu_augment", False))
+            view = view.with_gpu_augment(on, in_workers=on and not self.training_on_gpu())
         return view
 
     def train_dataloader(self):
@@ -249,6 +258,7 @@ class ShardDataModule(LightningDataModule):
         else:
             stage = "sample" if hasattr(view, "batch") else "full"
             expand, decoder = None, SampleDecoder(view, self.skipped, stage=stage)
+        collation_fn = ViewCollate(view, collate) if hasattr(view, "worker_batch") else collate
         return make_stream(
             self.urls,
             decoder,
@@ -260,6 +270,7 @@ class ShardDataModule(LightningDataModule):
             seed=self.seed + rank,
             batches_per_rank=self.batches_per_rank(),
             prefetch_factor=self.cfg.get("prefetch_factor"),
+            collation_fn=collation_fn,
         )
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):

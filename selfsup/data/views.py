@@ -22,6 +22,7 @@ per image.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,7 @@ class Photometric:
         if self.gray:
             out.append(v2.RandomGrayscale(self.gray))
         if self.blur:
-            out.append(v2.RandomApply([v2.GaussianBlur(self.blur_kernel, sigma=self.blur_sigma)], p=self.blur))
+            out.append(v2.RandomApply([SeparableGaussianBlur(self.blur_kernel, self.blur_sigma)], p=self.blur))
         if self.flip:
             out.append(v2.RandomHorizontalFlip(self.flip))
         return out
@@ -111,34 +112,27 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Shift the hue by `factor` (in turns, [-0.5, 0.5]) per image, through HSV as torchvision does."""
+    """Shift the hue by `factor` (in turns, [-0.5, 0.5]) per image: RGB -> HSV as torchvision does,
+    then back with the closed form c = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6 for
+    n = 5, 3, 1 (R, G, B), which needs no 6-way selection (and no [N, 3, 6, H, W] temporary)."""
     r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
+    maxc, minc = torch.aminmax(x, dim=1)
     eqc = maxc == minc
     cr = maxc - minc
     ones = torch.ones_like(maxc)
     s = cr / torch.where(eqc, ones, maxc)
     cr_div = torch.where(eqc, ones, cr)
     rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    h = torch.remainder(h + factor.view(-1, 1, 1), 1.0)
-    v = maxc
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p = (v * (1.0 - s)).clamp_(0, 1)
-    q = (v * (1.0 - s * f)).clamp_(0, 1)
-    t = (v * (1.0 - s * (1.0 - f))).clamp_(0, 1)
-    mask = i.unsqueeze(1) == torch.arange(6, device=x.device).view(1, -1, 1, 1)
-    a1 = torch.stack((v, q, p, p, t, v), dim=1)
-    a2 = torch.stack((t, v, v, q, p, p), dim=1)
-    a3 = torch.stack((p, p, t, v, v, q), dim=1)
-    planes = torch.stack((a1, a2, a3), dim=1)  # [N, 3, 6, H, W]
-    return (planes * mask.unsqueeze(1).to(x.dtype)).sum(2)
+    not_r = maxc != r
+    is_g = maxc == g
+    h = (bc - gc) * ~not_r + (2.0 + rc - bc) * (is_g & not_r) + (4.0 + gc - rc) * (~is_g & not_r)
+    h6 = torch.remainder(torch.fmod(h / 6.0 + 1.0, 1.0) + factor.view(-1, 1, 1), 1.0) * 6.0
+    vs = maxc * s
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(h6 + n, 6.0)
+        out.append(maxc - vs * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
+    return torch.stack(out, 1).clamp_(0.0, 1.0)
 
 
 def gaussian_blur(x: torch.Tensor, kernel: int, sigma: torch.Tensor) -> torch.Tensor:
@@ -153,6 +147,25 @@ def gaussian_blur(x: torch.Tensor, kernel: int, sigma: torch.Tensor) -> torch.Te
     y = F.conv2d(y, k.view(n * c, 1, 1, kernel), groups=n * c)
     y = F.conv2d(y, k.view(n * c, 1, kernel, 1), groups=n * c)
     return y.view(n, c, h, w)
+
+
+class SeparableGaussianBlur(torch.nn.Module):
+    """v2.GaussianBlur (sigma ~ U(sigma range), the same kernel, reflect padding, uint8 rounded) as two
+    1-D passes: torchvision convolves with the full k x k kernel, 289 taps per pixel for OBoW's k = 17
+    against 34 here (10x faster on a CPU; tests/test_data.py holds the two equal)."""
+
+    def __init__(self, kernel: int, sigma: tuple[float, float] = (0.1, 2.0)):
+        super().__init__()
+        self.kernel, self.sigma = kernel, tuple(sigma)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):  # a PIL image: torchvision's own
+            return v2.GaussianBlur(self.kernel, self.sigma)(x)
+        sigma = _rand(1, *self.sigma, "cpu").to(x.device)  # drawn as v2.GaussianBlur draws it
+        shape, fp = x.shape, x.dtype.is_floating_point
+        flat = (x if fp else x.float()).reshape(-1, *shape[-3:])
+        y = gaussian_blur(flat, self.kernel, sigma.expand(flat.shape[0])).reshape(shape)
+        return y if fp else y.round_().to(x.dtype)
 
 
 def batched_photometric(x: torch.Tensor, spec: Photometric) -> torch.Tensor:
@@ -204,19 +217,39 @@ class Branch:
     after: Callable | None = None
 
 
+@contextmanager
+def _one_cpu_thread(device):
+    """On a CPU, the batch stage runs in one thread: it is memory-bound, and a parallel region would
+    leave OpenMP threads of the training process spinning on the cores the workers decode on (with
+    two cores, a third of the pipeline's throughput; BENCHMARKS.md)."""
+    threads = torch.get_num_threads()
+    if device is None or device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class View:
-    """A method's view: named branches, normalisation, and where the photometric part runs."""
+    """A method's view: named branches, normalisation, and where the photometric part runs:
+    per image in the workers (torchvision.transforms.v2; the default), or with `gpu_augment` batched
+    (per-image random parameters) on the training device, or, where that device is a CPU, batched in
+    the workers on each collated batch (`in_workers`), which leaves the training process free."""
 
     def __init__(self, branches: dict[str, Branch], mean: Sequence[float], std: Sequence[float],
-                 gpu_augment: bool = False):
+                 gpu_augment: bool = False, in_workers: bool = False):
         self.branches = branches
         self.mean, self.std = list(mean), list(std)
         self.gpu_augment = gpu_augment
+        self.in_workers = gpu_augment and in_workers
         self._cpu_photometric = {name: v2.Compose(b.photometric.transforms())
                                  for name, b in branches.items() if b.photometric is not None}
 
-    def with_gpu_augment(self, on: bool) -> View:
-        return View(self.branches, self.mean, self.std, gpu_augment=on)
+    def with_gpu_augment(self, on: bool, in_workers: bool = False) -> View:
+        return View(self.branches, self.mean, self.std, gpu_augment=on, in_workers=in_workers)
 
     # -- per image, in the workers --
     def sample(self, image) -> dict:
@@ -232,8 +265,25 @@ class View:
             out[name] = torch.stack([one() for _ in range(branch.copies)]) if branch.copies else one()
         return out
 
+    # -- per collated batch, in the workers (gpu_augment without a GPU) --
+    def worker_batch(self, batch: dict) -> dict:
+        if not self.in_workers:
+            return batch
+        for name, branch in self.branches.items():
+            x = batch.get(name)
+            if x is None or branch.photometric is None or x.dtype != torch.uint8:
+                continue
+            flat = x.reshape(-1, *x.shape[-3:])
+            y = branch.photometric.batched(torch.empty(flat.shape, dtype=torch.float32).copy_(flat).div_(255.0))
+            flat.copy_(y.mul_(255.0).round_())  # in place: x may live in shared memory already
+        return batch
+
     # -- per batch, on the training device --
     def batch(self, batch: dict) -> dict:
+        with _one_cpu_thread(next((v.device for v in batch.values() if isinstance(v, torch.Tensor)), None)):
+            return self._batch(batch)
+
+    def _batch(self, batch: dict) -> dict:
         batch = dict(batch)
         for name, branch in self.branches.items():
             x = batch.get(name)
@@ -244,7 +294,7 @@ class View:
             mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
             inv_std = 1.0 / torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
             y = torch.empty(x.shape, dtype=torch.float32, device=x.device).copy_(x)  # one allocation, in place after
-            if self.gpu_augment and branch.photometric is not None:
+            if self.gpu_augment and not self.in_workers and branch.photometric is not None:
                 y = branch.photometric.batched(y.div_(255.0)).sub_(mean).mul_(inv_std)
             else:
                 y.sub_(mean * 255.0).mul_(inv_std / 255.0)
@@ -255,8 +305,18 @@ class View:
         return batch
 
     def __call__(self, image) -> dict:
-        one = {k: v[None] for k, v in self.sample(image).items()}
+        one = self.worker_batch({k: v[None] for k, v in self.sample(image).items()})
         return {k: v[0] for k, v in self.batch(one).items()}
+
+
+class ViewCollate:
+    """The collation function of a two-stage view's stream: stack, then the view's worker batch stage."""
+
+    def __init__(self, view: View, collate: Callable):
+        self.view, self.collate = view, collate
+
+    def __call__(self, samples: list[dict]) -> dict:
+        return self.view.worker_batch(self.collate(samples))
 
 
 # ---- the views methods ask for ------------------------------------------------------------------
