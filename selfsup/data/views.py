@@ -116,7 +116,7 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     then back with the closed form c = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6 for
     n = 5, 3, 1 (R, G, B), which needs no 6-way selection (and no [N, 3, 6, H, W] temporary)."""
     r, g, b = x.unbind(1)
-    maxc, minc = torch.aminmax(x, dim=1)
+    minc, maxc = torch.aminmax(x, dim=1)
     eqc = maxc == minc
     cr = maxc - minc
     ones = torch.ones_like(maxc)
