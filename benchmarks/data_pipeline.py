@@ -4,9 +4,10 @@ For each method's view at 224 px (SparK's single RandomResizedCrop view, OBoW's 
 the batch size and the DataLoader workers its config uses, samples/s of:
 
 - pipeline: selfsup's full training input: shards on disk -> webdataset (shard split, shuffle
-  buffer) -> decode -> the method's view -> batches in the workers -> the main process, which runs
-  the view's batch stage (uint8 -> normalised floats; with gpu_augment the colour augmentations of
-  whole batches, on the CPU here when there is no GPU) — exactly what the training step receives;
+  buffer) -> decode -> the method's view -> uint8 batches in the workers -> the main process, which
+  runs the view's batch stage (uint8 -> normalised floats) — exactly what the training step
+  receives. With gpu_augment=on the flips and colour augmentations run batched: on the GPU if
+  there is one, else (as here) in the workers on each batch, as a CPU-only training run does;
 - (a) bare loop: the same JPEG bytes from memory, the same decode and the same view stages (per
   image, then per batch), split over the same number of processes: the limit of the work itself;
 - (b) decode alone, over the same processes: the floor under any pipeline on these cores; the
@@ -22,6 +23,7 @@ down before the next one runs. Medians of --repeats. Prints a markdown table.
     python benchmarks/data_pipeline.py                                  # spark + obow, gpu_augment off and on
     python benchmarks/data_pipeline.py --methods spark --repeats 5
     python benchmarks/data_pipeline.py --methods spark --images 256 --batches 3 --repeats 1   # a quick check
+    python benchmarks/data_pipeline.py --clock cpu     # CPU seconds of all processes: robust on a shared machine
 
 The JPEGs: benchmarks/bench_common.py (cut from the photographs scikit-learn ships), written once
 under /tmp/selfsup-bench.
