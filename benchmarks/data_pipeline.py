@@ -129,9 +129,10 @@ def pipeline_iter(cfg, view: View, gpu_augment: bool):
 
     def close():
         nonlocal it, loader
-        inner = getattr(loader, "_iterator", None)
-        if inner is not None:
-            inner._shutdown_workers()
+        for stage in getattr(loader, "pipeline", [loader]):  # a wds.WebLoader holds the DataLoader first
+            workers = getattr(stage, "_iterator", None)  # persistent workers live on the DataLoader
+            if workers is not None:
+                workers._shutdown_workers()
         del it, loader
 
     return it, close, dm

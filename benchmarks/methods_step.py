@@ -93,6 +93,26 @@ def make_batch(method: str, module, cfg, batch: int, jpegs: list[bytes]) -> dict
     return None
 
 
+def time_method(method: str, name: str, overrides: list[str], args, jpegs: list[bytes]) -> tuple:
+    cfg = compose(method, name, overrides)
+    apply_precision(cfg)
+    steps = args.warmup + args.repeats
+    cfg.trainer.max_steps = steps
+    torch.manual_seed(0)
+    module = method_class(method)(cfg)
+    batch = make_batch(method, module, cfg, args.batch, jpegs)
+    if batch is None:
+        raise RuntimeError("its view is not an image view: add a SYNTHETIC batch for it")
+    times = StepTimes()
+    with tempfile.TemporaryDirectory(prefix="selfsup-methods-") as run_dir:
+        trainer = build_trainer(cfg, Path(run_dir), extra_callbacks=[times], module=module)
+        trainer.fit(module, train_dataloaders=SameBatch(batch, steps))
+    per_step = [b - a for a, b in zip(times.starts[:-1], times.starts[1:], strict=True)][args.warmup:]
+    print(f"  {method} {name}: {', '.join(f'{t:.2f}' for t in per_step)} s/step", flush=True)
+    return (method, name, args.size, args.batch, cfg.trainer.precision, trainer.strategy.root_device.type,
+            median(per_step))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
@@ -105,7 +125,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
     chosen = dict(item.split("=", 1) for item in args.backbone)
-    print(machine_line())
+    print(machine_line(), flush=True)
     jpegs = make_jpegs(max(args.batch, 16))
     rows = []
     for method in args.methods:
@@ -118,30 +138,15 @@ def main() -> None:
             overrides += [f"backbone.kwargs.img_size={args.size}", "backbone.kwargs.patch_size=16"]
         # the method's full recipe, not its `demo:` settings: name some data (none of it is read here)
         overrides.append("data=atari" if method == "tov_vicreg" else f"data={BENCH_TMP}")
-        cfg = compose(method, name, overrides)
-        apply_precision(cfg)
-        steps = args.warmup + args.repeats
-        cfg.trainer.max_steps = steps
-        torch.manual_seed(0)
-        module = method_class(method)(cfg)
-        batch = make_batch(method, module, cfg, args.batch, jpegs)
-        if batch is None:
-            print(f"{method}: skipped (its view is not an image view; add a SYNTHETIC batch for it)")
-            continue
-        times = StepTimes()
-        with tempfile.TemporaryDirectory(prefix="selfsup-methods-") as run_dir:
-            trainer = build_trainer(cfg, Path(run_dir), extra_callbacks=[times], module=module)
-            trainer.fit(module, train_dataloaders=SameBatch(batch, steps))
-        per_step = [b - a for a, b in zip(times.starts[:-1], times.starts[1:], strict=True)][args.warmup:]
-        device = trainer.strategy.root_device
-        rows.append((method, name, args.size, args.batch, cfg.trainer.precision, str(device.type), median(per_step)))
-        print(f"  {method} {name}: {', '.join(f'{t:.2f}' for t in per_step)} s/step", flush=True)
-        del module, trainer
+        try:
+            rows.append(time_method(method, name, overrides, args, jpegs))
+        except Exception as err:  # noqa: BLE001 - one method's failure must not hide the others' figures
+            print(f"{method} {name}: failed: {type(err).__name__}: {err}", flush=True)
     print(f"load average at the end: {load_average()}; median of {args.repeats} steps after {args.warmup} warm-up")
     print("\n| method | backbone | px | batch | precision | device | s/step | images/s |")
     print("|---|---|---:|---:|---|---|---:|---:|")
     for method, name, size, batch, precision, device, step in rows:
-        print(f"| {method} | {name} | {size} | {batch} | {precision} | {device} | {step:.2f} | {batch / step:.1f} |")
+        print(f"| {method} | {name} | {size} | {batch} | {precision} | {device} | {step:.2f} | {batch / step:.2f} |")
 
 
 if __name__ == "__main__":
