@@ -17,8 +17,9 @@ the batch size and the DataLoader workers its config uses, samples/s of:
   PIL images, ToImage/ToDtype/Normalize per image (which is also what selfsup did before issue 9).
 
 Variants are measured in turn within each repeat (so all see the same machine load); each loader
-is started fresh, run past its start-up and prefetch queue, timed over --batches batches, and shut
-down before the next one runs. Medians of --repeats. Prints a markdown table.
+is started fresh, run past its start-up and prefetch queue, timed over --batches batches (whole
+rounds of the workers), and shut down before the next one runs. Medians of --repeats. Prints a
+markdown table.
 
     python benchmarks/data_pipeline.py                                  # spark + obow, gpu_augment off and on
     python benchmarks/data_pipeline.py --methods spark --repeats 5
@@ -197,7 +198,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["spark", "obow"])
     parser.add_argument("--gpu-augment", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--images", type=int, default=2048, help="JPEGs in the benchmark set")
-    parser.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
+    parser.add_argument("--batches", type=int, default=24,
+                        help="timed batches per measurement (rounded to whole rounds of the workers)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workers", type=int, default=None, help="default: the method config's data.num_workers")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -216,10 +218,14 @@ def main() -> None:
         shards, folder, jpegs = photo_dataset(args.images, max(16, workers))
         cfg, view = method_setup(method, shards, overrides)
         d = cfg.data
+        # each worker makes whole batches, and the workers start together: batches arrive in rounds of
+        # `workers`, so warm-up and timed window are whole rounds (a window ending mid-round would
+        # count part of a round's batches for all of its time)
         warmup = max(2, workers * (prefetch + 1)) if workers else 2
-        samples = args.batches * batch_size
+        timed = max(1, round(args.batches / workers)) * workers if workers else args.batches
+        samples = timed * batch_size
         print(f"{method}: {workers} workers, batch {batch_size}, {d.image_size} px, warm-up {warmup} batches, "
-              f"timed {args.batches} batches; {len(jpegs)} JPEGs, {sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KB "
+              f"timed {timed} batches; {len(jpegs)} JPEGs, {sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KB "
               f"mean", flush=True)
         times: dict[str, list[float]] = {}
         processes = max(1, workers)
@@ -230,7 +236,7 @@ def main() -> None:
                 it, close, dm = pipeline_iter(cfg, view, on)
                 finish = lambda b, dm=dm: dm.on_after_batch_transfer(b, 0)  # noqa: E731
                 times.setdefault(f"pipeline/{mode}", []).append(
-                    time_loader(lambda it=it, close=close: (it, close), finish, warmup, args.batches))
+                    time_loader(lambda it=it, close=close: (it, close), finish, warmup, timed))
                 _WORK.update(jpegs=jpegs, view=used, batch_size=batch_size)
                 with mp.get_context("fork").Pool(processes, initializer=_init_process) as pool:
                     pool.map(_bare, [(0, 2)] * processes)  # warm-up: imports, first calls
@@ -241,7 +247,7 @@ def main() -> None:
                             time_processes(pool, _decode, processes, samples, offset=r * samples))
             times.setdefault("imagefolder", []).append(
                 time_loader(lambda: imagefolder_iter(folder, view, batch_size, workers, prefetch), lambda b: b,
-                            warmup, args.batches))
+                            warmup, timed))
             print(f"  repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in times.items()),
                   flush=True)
         med = {k: median(v) for k, v in times.items()}
