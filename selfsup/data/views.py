@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -273,9 +273,14 @@ class View:
             x = batch.get(name)
             if x is None or branch.photometric is None or x.dtype != torch.uint8:
                 continue
-            flat = x.reshape(-1, *x.shape[-3:])
-            y = branch.photometric.batched(torch.empty(flat.shape, dtype=torch.float32).copy_(flat).div_(255.0))
-            flat.copy_(y.mul_(255.0).round_())  # in place: x may live in shared memory already
+            flat = x.reshape(-1, *x.shape[-3:])  # changed in place: x may live in shared memory already
+            p = branch.photometric
+            if p.jitter or p.gray or p.blur:  # through floats, as torchvision does for uint8 images
+                y = replace(p, flip=0.0).batched(torch.empty(flat.shape, dtype=torch.float32).copy_(flat).div_(255.0))
+                flat.copy_(y.mul_(255.0).round_())
+            if p.flip:  # last, as in `batched_photometric`; on the uint8 images
+                flip = (torch.rand(flat.shape[0]) < p.flip).view(-1, 1, 1, 1)
+                flat.copy_(torch.where(flip, flat.flip(-1), flat))
         return batch
 
     # -- per batch, on the training device --
