@@ -39,6 +39,8 @@ class SiT(SSLMethod):
             raise unknown_choice("sit method.export_token", m.export_token, EXPORT_TOKENS)
         if not m.temperature > 0:
             raise UserError(f"sit: method.temperature={m.temperature} must be > 0")
+        if m.views.interpolation not in views.INTERPOLATIONS:
+            raise unknown_choice("sit method.views.interpolation", m.views.interpolation, views.INTERPOLATIONS)
         for key in ("noise_budget", "replace_budget"):
             if not 0.0 <= m.corruption[key] <= 1.0:
                 raise UserError(f"sit: method.corruption.{key}={m.corruption[key]} must be in [0, 1]")
