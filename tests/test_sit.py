@@ -72,6 +72,17 @@ def test_vit_t_cpu_recipe_is_32px_patch_4():
     assert tokens["reconstruction"].shape == (2, 3, 32, 32) and tokens["exported_token"].shape == (2, 192)
 
 
+def test_demo_data_keeps_each_recipes_resolution():
+    # no data given: a backbone's own `demo:` applies after the demo data's 32 px
+    assert compose("sit", "vit_b", []).data.image_size == 224
+    assert compose("sit", "vit_s", []).data.image_size == 224
+    assert compose("sit", "vit_t", []).data.image_size == 32
+    assert compose("sit", "vit_b", ["data=/tmp/unused-shards/x.tar"]).data.image_size == 224
+    # data named explicitly: its 32 px against a ViT built for 224 is a one-line error before training
+    with pytest.raises(UserError, match=r"data.image_size=32 but vit_b is built for 224 px"):
+        method_class("sit")(compose("sit", "vit_b", ["data=fashion_mnist"]))
+
+
 def test_sit_accepts_only_vits():
     assert METHODS["sit"].families == ("vit",)
     with pytest.raises(UserError, match="sit does not accept resnet_tiny"):

@@ -21,10 +21,14 @@ from selfsup.errors import UserError
 EXTRA = 0  # index of the method's own token in the sequence; timm's CLS token follows it
 
 
-def check_vit(net: nn.Module, backbone_name: str) -> None:
+def check_vit(net: nn.Module, backbone_name: str, image_size: int) -> None:
     if getattr(net, "cls_token", None) is None or not hasattr(net, "patch_embed"):
         raise UserError(f"sit needs a timm ViT with a class token; {backbone_name} has none "
                         "(do not pass backbone.kwargs.class_token=false)")
+    built = tuple(net.patch_embed.img_size or ())
+    if built and not getattr(net.patch_embed, "dynamic_img_size", False) and built != (image_size, image_size):
+        raise UserError(f"sit: data.image_size={image_size} but {backbone_name} is built for {built[0]} px: "
+                        f"pass image_size={built[0]} or backbone.kwargs.img_size={image_size}")
 
 
 def encode_tokens(net: nn.Module, images: torch.Tensor, extra_token: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ class SiT(SSLMethod):
             if not 0.0 <= m.corruption[key] <= 1.0:
                 raise UserError(f"sit: method.corruption.{key}={m.corruption[key]} must be in [0, 1]")
         net = self.backbone.net
-        check_vit(net, self.backbone.name)
+        check_vit(net, self.backbone.name, self.cfg.data.image_size)
         dim = self.backbone.num_features
         # the SiT token that is not timm's CLS token (position embedding folded in: heads.py)
         self.sit_token = nn.Parameter(torch.zeros(1, 1, dim))
