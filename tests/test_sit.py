@@ -106,7 +106,8 @@ def test_one_step_shapes_terms_and_gradients_everywhere():
     expected = sum(out[f"factor_{t}"] * out[t] + 0.5 * out[f"s_{t}"] for t in TASKS)
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     out["loss"].backward()
-    missing = [n for n, p in module.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    missing = [n for n, p in module.named_parameters()
+               if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
     assert missing == []  # the extra token, CLS, every head and the three s_t all learn
     # d/ds_t = -a_t e^{-a_t s_t} L_t + 1/2
     for i, (task, a) in enumerate(zip(TASKS, (1.0, 1.0, 0.5), strict=True)):
@@ -261,10 +262,12 @@ def sit_learning_run(tmp_path, seed: int = 0, steps: int = LEARN_STEPS, extra=()
     train = small_split("train", PROBE_TRAIN, tmp_path / "probe-train")
     test = small_split("test", PROBE_TEST, tmp_path / "probe-test")
     probe_args = ["data=fashion_mnist", f"data.train={train}", f"data.test={test}"]
-    run_submit("pretrain", "sit", "vit_t", f"trainer.max_steps={steps}", f"seed={seed}", "trainer.enable_progress_bar=false",
-               f"run_dir={tmp_path}", f"run_name=r{seed}", *extra, timeout=1800, check=True)
+    run_submit("pretrain", "sit", "vit_t", f"trainer.max_steps={steps}", f"seed={seed}",
+               "trainer.enable_progress_bar=false", f"run_dir={tmp_path}", f"run_name=r{seed}", *extra,
+               timeout=1800, check=True)
     pretrained = run_probe(str(tmp_path / f"r{seed}"), probe_args)
-    random_init = run_probe("random:vit_t", [*probe_args, "backbone.kwargs.img_size=32", "backbone.kwargs.patch_size=4"])
+    same_vit = ["backbone.kwargs.img_size=32", "backbone.kwargs.patch_size=4"]
+    random_init = run_probe("random:vit_t", [*probe_args, *same_vit])
     return {"sit": pretrained["linear"]["top1"], "random": random_init["linear"]["top1"],
             "test_samples": pretrained["test_samples"], "train_samples": pretrained["train_samples"]}
 

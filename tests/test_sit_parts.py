@@ -70,7 +70,8 @@ def test_uncertainty_factors_at_initialisation_and_the_combined_loss():
     assert factors.tolist() == pytest.approx([0.3679, 0.3679, 0.6065], abs=1e-4)
     losses = torch.tensor([1.2, 3.4, 0.8])
     s = torch.tensor([0.3, -0.2, 1.5])
-    expected = sum(math.exp(-a * si) * li + 0.5 * si for a, si, li in zip(TASK_SCALES, s.tolist(), losses.tolist()))
+    terms = zip(TASK_SCALES, s.tolist(), losses.tolist(), strict=True)
+    expected = sum(math.exp(-a * si) * li + 0.5 * si for a, si, li in terms)
     assert uncertainty_weighted(losses, s).item() == pytest.approx(expected, rel=1e-6)
 
 

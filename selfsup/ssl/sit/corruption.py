@@ -38,7 +38,8 @@ def rotate_v1(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def random_rotations(images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def random_rotations(images: torch.Tensor,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """An independent uniform rotation per image -> (rotated copy, labels)."""
     labels = _randint(0, ROTATIONS, (images.shape[0],), generator, images.device)
     return rotate_v1(images, labels), labels

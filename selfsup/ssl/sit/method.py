@@ -100,8 +100,8 @@ class SiT(SSLMethod):
             # the token the exported ViT pools, seen on the first view (corrupted, rotated): the online probe's input
             "features": out["exported_token"][:n],
             "_clean": clean1.detach(), "_corrupted": corrupted1.detach(), "_masks": masks,
-            "_reconstruction": out["reconstruction"][:n].detach(), "_rotation_pred": out["rotation_logits"][:n].argmax(1),
-            "_rotation": rot1,
+            "_reconstruction": out["reconstruction"][:n].detach(),
+            "_rotation_pred": out["rotation_logits"][:n].argmax(1), "_rotation": rot1,
         })
         return result
 
