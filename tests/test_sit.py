@@ -235,8 +235,13 @@ def test_one_training_step_of_the_vit_b_recipe_at_small_resolution(tmp_path):
     assert ckpt["global_step"] == 1
     scalars = read_scalars(run / "tb")
     assert all(torch.isfinite(torch.tensor(v)) for _, v in scalars["train/loss"])
-    # one AdamW step moved the learned weights off their initial 1.0
-    assert (ckpt["state_dict"]["uncertainty"] != 1.0).all()
+    # v1's LR rule: 5e-4 x 4 / 512 at the peak, warm-up from 0.2 % of it
+    assert scalars["lr-AdamW/decay"][0][1] == pytest.approx(5e-4 * 4 / 512 * 0.002, rel=1e-5)
+    # one AdamW step, with a gradient for every parameter of the module (ViT-B, SiT token, heads, s_t)
+    state = ckpt["optimizer_states"][0]
+    n_params = sum(len(g["params"]) for g in state["param_groups"])
+    assert n_params == len(ckpt["state_dict"]) and len(state["state"]) == n_params
+    assert all(float(s["step"]) == 1 and s["exp_avg"].abs().max() > 0 for s in state["state"].values())
 
 
 # ---- it learns -----------------------------------------------------------------------------------
