@@ -232,3 +232,13 @@ def test_batched_blur_matches_torchvision_per_image():
         k, s = int(sizes[i]), float(sigmas[i])
         expected = TF.gaussian_blur(images[i:i + 1], [k, k], [s, s])
         assert torch.allclose(out[i:i + 1], expected, atol=1e-5), i
+
+
+def test_corruption_is_seeded_and_unaffected_by_autocast():
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    plain, _ = corrupt(images, generator=torch.Generator().manual_seed(7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_amp, _ = corrupt(images, generator=torch.Generator().manual_seed(7))
+    assert under_amp.dtype == torch.float32 and torch.equal(plain, under_amp)
+    other, _ = corrupt(images, generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(plain, other)

@@ -144,6 +144,13 @@ def corrupt(images: torch.Tensor, *, noise_budget: float = 0.3, replace_budget: 
     """A corrupted copy of `images` [B, C, H, W] (normalised) -> (corrupted, masks), where masks
     holds the bool [B, 1, H, W] region of each step: gray, blur, noise, replace. `images` is not
     modified."""
+    # outside autocast: a bf16 blur would round the untouched-looking pixels of the blurred rectangle
+    with torch.autocast(device_type=images.device.type, enabled=False):
+        return _corrupt(images, noise_budget, replace_budget, min_frac, max_block_frac, max_kernel, sigma_range,
+                        generator)
+
+
+def _corrupt(images, noise_budget, replace_budget, min_frac, max_block_frac, max_kernel, sigma_range, generator):
     b, c, h, w = images.shape
     device = images.device
     kw = {"generator": generator, "device": device}
