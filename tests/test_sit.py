@@ -162,7 +162,7 @@ def test_no_weight_decay_on_tokens_biases_norms_and_learned_weights():
         assert id(named[name]) in groups["decay"], name
 
 
-def test_bad_values_are_one_line_errors_naming_the_choices():
+def test_bad_values_are_one_line_errors_naming_the_choices(tmp_path):
     with pytest.raises(UserError) as excinfo:
         tiny("method.export_token=cls")
     message = str(excinfo.value)
@@ -173,8 +173,10 @@ def test_bad_values_are_one_line_errors_naming_the_choices():
         tiny("method.corruption.noise_budget=1.5")
     with pytest.raises(UserError, match="class token"):
         tiny("backbone.kwargs.class_token=false", "backbone.kwargs.global_pool=avg")
+    # real shards, so the error cannot depend on whether an earlier test built the demo data
+    shards = small_split("train", 64, tmp_path / "shards")
     proc = run_submit("pretrain", "sit", "vit_tiny_test", "method.views.interpolation=cubic", "trainer.max_steps=1",
-                      "data.num_workers=0", "run_dir=/tmp/selfsup-sit-never")
+                      "data.num_workers=0", f"data={shards}", f"run_dir={tmp_path}")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert "'cubic'" in lines[0] and "bicubic" in lines[0] and "bilinear" in lines[0]
@@ -261,7 +263,7 @@ def small_split(split: str, n: int, folder) -> str:
     return str(folder / f"{split}-000000.tar")
 
 
-def sit_learning_run(tmp_path, seed: int = 0, steps: int = LEARN_STEPS, extra=()) -> dict:
+def sit_learning_run(tmp_path, seed: int = 0, steps: int = LEARN_STEPS, extra=(), timeout: int = 1800) -> dict:
     from selfsup.eval.probe import run_probe
 
     train = small_split("train", PROBE_TRAIN, tmp_path / "probe-train")
@@ -269,7 +271,7 @@ def sit_learning_run(tmp_path, seed: int = 0, steps: int = LEARN_STEPS, extra=()
     probe_args = ["data=fashion_mnist", f"data.train={train}", f"data.test={test}"]
     run_submit("pretrain", "sit", "vit_t", f"trainer.max_steps={steps}", f"seed={seed}",
                "trainer.enable_progress_bar=false", f"run_dir={tmp_path}", f"run_name=r{seed}", *extra,
-               timeout=1800, check=True)
+               timeout=timeout, check=True)
     pretrained = run_probe(str(tmp_path / f"r{seed}"), probe_args)
     same_vit = ["backbone.kwargs.img_size=32", "backbone.kwargs.patch_size=4"]
     random_init = run_probe("random:vit_t", [*probe_args, *same_vit])
