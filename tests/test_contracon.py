@@ -19,7 +19,7 @@ from selfsup.backbones import create_backbone
 from selfsup.continual.data import is_validation, split_classes
 from selfsup.continual.model import ContinualTransformer
 from selfsup.continual.reweight import HeadConvReweight, reweight
-from selfsup.continual.taskid import identify_task, view_entropy
+from selfsup.continual.taskid import class_gaussian, identify_task, mahalanobis_distance, view_entropy
 from selfsup.errors import UserError
 
 
@@ -162,6 +162,37 @@ def test_task_identification_picks_lowest_entropy_and_ties_go_low():
     assert view_entropy(views).item() == pytest.approx(float(-(torch.tensor([.5, .5]) * torch.log(torch.tensor([.5, .5]) + 1e-4)).sum()))
 
 
+# ---- task identification by each task's feature Gaussian (selfsup's rule) ----------------------------
+def test_class_gaussian_recovers_means_and_covariance():
+    torch.manual_seed(0)
+    cov = torch.tensor([[2.0, 0.6], [0.6, 0.5]])
+    chol = torch.linalg.cholesky(cov)
+    means = torch.tensor([[5.0, 0.0], [-5.0, 1.0], [0.0, 8.0]])
+    labels = torch.arange(3).repeat_interleave(20000)
+    x = means[labels] + torch.randn(len(labels), 2) @ chol.T
+    mu, precision = class_gaussian(x, labels, 3, shrinkage=0.0)
+    torch.testing.assert_close(mu, means, atol=0.03, rtol=0)
+    torch.testing.assert_close(precision, torch.linalg.inv(cov), atol=0.03, rtol=0.02)
+    # full shrinkage: a scaled identity with the mean variance
+    _, iso = class_gaussian(x, labels, 3, shrinkage=1.0)
+    torch.testing.assert_close(iso, torch.eye(2) / 1.25, atol=0.02, rtol=0)
+    # fewer samples than dimensions still gives a finite precision
+    _, few = class_gaussian(torch.randn(4, 16), torch.tensor([0, 0, 1, 1]), 2, shrinkage=0.1)
+    assert torch.isfinite(few).all()
+    with pytest.raises(ValueError, match=r"classes \[1, 2\]"):
+        class_gaussian(x[:10], torch.zeros(10, dtype=torch.long), 3)
+
+
+def test_mahalanobis_distance_is_to_the_nearest_class_under_the_precision():
+    means = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    precision = torch.diag(torch.tensor([1.0, 0.25]))  # variance 1 along x, 4 along y
+    z = torch.tensor([[0.0, 2.0], [9.0, 0.0], [3.0, 0.0]])
+    torch.testing.assert_close(mahalanobis_distance(z, means, precision), torch.tensor([1.0, 1.0, 9.0]))
+    # task identification: the task whose Gaussian is nearest wins
+    far = mahalanobis_distance(z, means + 100.0, precision)
+    assert torch.stack([far, mahalanobis_distance(z, means, precision)]).argmin(0).tolist() == [1, 1, 1]
+
+
 # ---- task streams -------------------------------------------------------------------------------------
 def test_class_splits_and_validation_carve():
     assert split_classes(10, 5) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
@@ -182,6 +213,7 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path):
         (["continual", "contrakon", "cct_6"], "did you mean 'contracon'"),
         (["continual", "contracon", "cct_6", "continual.kernal_size=3"], "continual.kernel_size"),
         (["continual", "contracon", "cct_6", "data=split_fashion"], "split_fashion_mnist"),
+        (["continual", "contracon", "cct_6", "eval.task_id=[entropy,mahalonobis]"], "'mahalanobis'"),
     ]:
         proc = run_submit(*args, f"run_dir={tmp_path}", cwd=tmp_path)
         assert proc.returncode == 2, proc.stderr
@@ -216,6 +248,10 @@ RUN_ARGS = ["continual", "contracon", "cct_tiny_test", "data=split_digits", "tas
             "batch_size=32", "continual.first_task_epochs=null", "continual.first_task_lr=2e-3", "continual.warmup_steps=0", "continual.train_minutes=null",
             "continual.val_fraction=0.15", "eval.cil_samples_per_task=12", "data.num_workers=0",
             "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "run_name=split-digits"]
+
+
+def model_dim(ckpt) -> int:
+    return ckpt["state_dict"]["tasks.0.head.weight"].shape[1]
 
 
 def _checkpoint(run):
@@ -261,9 +297,14 @@ def test_sigkill_during_task_3_then_rerun_continues_at_task_3(tmp_path):
     assert til[0][0] > 0.9 and metrics["average_til"][-1] > 0.6, metrics["til"]
     assert metrics["forgetting_til"][-1] == 0.0
     assert all(0.0 <= v <= 1.0 for v in metrics["task_id"][-1]) and len(metrics["cil"][-1]) == 5
+    assert len(metrics["task_id_mahalanobis"][-1]) == len(metrics["cil_mahalanobis"][-1]) == 5
+    for t in range(5):  # every task's feature Gaussian was fitted when its training ended
+        assert final["state_dict"][f"tasks.{t}.feature_precision"].abs().sum() > 0
+        assert final["state_dict"][f"tasks.{t}.class_means"].shape == (2, model_dim(final))
     assert metrics["params_added"][1] == metrics["params_added"][2] > 0
     assert "continual/til_matrix" in image_tags(run / "tb")
-    assert "class-incremental accuracy" in second.stdout and "task-incremental accuracy" in second.stdout
+    assert "class-incremental accuracy, task by entropy" in second.stdout and "task-incremental accuracy" in second.stdout
+    assert "task identification by Mahalanobis" in second.stdout
 
     # the frozen task-1 backbone exports like a pretraining run's and loads into timm strictly
     from selfsup.export import create_timm_model_from_export, export_backbone

@@ -38,19 +38,31 @@ def forgetting(m: list[list[float | None]]) -> list[float | None]:
     return out
 
 
+# accuracy matrices: key -> title (the unsuffixed class-incremental keys are ConTraCon's entropy rule)
+MATRICES = {
+    "til": "task-incremental accuracy",
+    "cil": "class-incremental accuracy, task by entropy",
+    "task_id": "task identification by entropy",
+    "cil_mahalanobis": "class-incremental accuracy, task by Mahalanobis",
+    "task_id_mahalanobis": "task identification by Mahalanobis",
+}
+FORGETTING = ("til", "cil", "cil_mahalanobis")
+
+
 def summarise(rows: list[dict], task_classes: list[list[int]]) -> dict:
-    til, cil, tid = matrix(rows, "til"), matrix(rows, "cil"), matrix(rows, "task_id")
-    return {
-        "tasks_done": len(rows),
-        "task_classes": task_classes,
-        "til": til, "cil": cil, "task_id": tid,
-        "average_til": average(til), "average_cil": average(cil), "average_task_id": average(tid),
-        "forgetting_til": forgetting(til), "forgetting_cil": forgetting(cil),
+    summary: dict = {"tasks_done": len(rows), "task_classes": task_classes}
+    for key in MATRICES:
+        summary[key] = m = matrix(rows, key)
+        summary[f"average_{key}"] = average(m)
+        if key in FORGETTING:
+            summary[f"forgetting_{key}"] = forgetting(m)
+    summary.update({
         "params_added": [r["params"] for r in rows],
         "val_til": [r.get("val_acc") for r in rows],
         "train_seconds": [r.get("train_seconds") for r in rows],
-        "eval_samples": [{k: r.get(k) for k in ("til_samples", "cil_samples")} for r in rows],
-    }
+        "eval_samples": [{k: r.get(k) for k in ("til_samples", "cil_samples", "cil_mahalanobis_samples")} for r in rows],
+    })
+    return summary
 
 
 def _fmt(v) -> str:
@@ -60,11 +72,10 @@ def _fmt(v) -> str:
 def table(summary: dict) -> str:
     n = summary["tasks_done"]
     lines = []
-    for title, key in (("task-incremental accuracy (%)", "til"), ("class-incremental accuracy (%)", "cil"),
-                       ("task-identification accuracy (%)", "task_id")):
+    for key, title in MATRICES.items():
         if all(v is None for row in summary[key] for v in row):
             continue
-        lines.append(f"{title}: row = after task t, column = task j")
+        lines.append(f"{title} (%): row = after task t, column = task j")
         lines.append("after  " + " ".join(f"  T{j + 1:<3}" for j in range(n)) + "    avg  forget")
         avg = summary.get(f"average_{key}", [None] * n)
         fgt = summary.get(f"forgetting_{key}", [None] * n)

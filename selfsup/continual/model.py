@@ -79,6 +79,9 @@ class TaskState(nn.Module):
         self.pool = nn.Linear(dim, 1)
         self.head = nn.Linear(dim, num_classes)
         self.num_classes = num_classes
+        # the Gaussian of this task's pooled features, fitted once its training ends (task identification)
+        self.register_buffer("class_means", torch.zeros(num_classes, dim))
+        self.register_buffer("feature_precision", torch.zeros(dim, dim))
 
 
 class ContinualTransformer(nn.Module):
@@ -169,9 +172,11 @@ class ContinualTransformer(nn.Module):
             return self.backbone.net.forward_features(x)
         return functional_call(self._features, {f"net.{k}": v for k, v in weights.items()}, (x,), strict=False)
 
+    def pooled(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        return sequence_pool(self.features(x, task), self.tasks[task].pool)
+
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        state = self.tasks[task]
-        return state.head(sequence_pool(self.features(x, task), state.pool))
+        return self.tasks[task].head(self.pooled(x, task))
 
 
 def clone_task_state(state: TaskState) -> dict[str, torch.Tensor]:

@@ -25,8 +25,8 @@ from selfsup.backbones import create_backbone
 from selfsup.continual import metrics as M
 from selfsup.continual.data import ArrayDataset, TaskArrays, TaskStream, normalise, train_transform
 from selfsup.continual.model import ContinualTransformer
-from selfsup.continual.taskid import classify_all_tasks, make_views
-from selfsup.errors import UserError
+from selfsup.continual.taskid import class_gaussian, classify_all_tasks, mahalanobis_distance, make_views
+from selfsup.errors import UserError, unknown_choice
 from selfsup.launch.checkpointing import save_atomic
 
 CHECKPOINT = "continual.pt"
@@ -180,42 +180,107 @@ def train_task(model: ContinualTransformer, task: int, train: TaskArrays, val: T
             "images_per_second": images / max(seconds, 1e-9), "steps": module._batches}
 
 
-# ---- evaluation ----------------------------------------------------------------------------------
+# ---- task statistics and evaluation ----------------------------------------------------------
+TASK_ID_RULES = ("entropy", "mahalanobis")
+
+
+def task_id_rules(cfg: DictConfig) -> list[str]:
+    if not cfg.eval.cil:
+        return []
+    rules = list(cfg.eval.task_id)
+    for rule in rules:
+        if rule not in TASK_ID_RULES:
+            raise unknown_choice("eval.task_id rule", rule, TASK_ID_RULES)
+    return rules
+
+
+@torch.no_grad()
+def pooled_features(model: ContinualTransformer, images: torch.Tensor, task: int, cfg: DictConfig) -> torch.Tensor:
+    norm = normalise(cfg.data.mean, cfg.data.std)
+    device = next(model.parameters()).device
+    bs = cfg.eval.batch_size
+    return torch.cat([model.pooled(norm(images[i:i + bs]).to(device), task).float().cpu() for i in range(0, len(images), bs)])
+
+
+@torch.no_grad()
+def fit_task_gaussian(model: ContinualTransformer, task: int, train: TaskArrays, cfg: DictConfig) -> None:
+    """Once task `task` is trained: the Gaussian of its network's pooled features on (a fixed subset
+    of) its own clean training images, kept in its state for task identification."""
+    c = cfg.continual
+    model.eval()
+    sample = train.take(c.gaussian_samples, seed=c.val_seed)
+    state = model.tasks[task]
+    means, precision = class_gaussian(pooled_features(model, sample.images, task, cfg), sample.labels,
+                                      state.num_classes, c.gaussian_shrinkage)
+    state.class_means.copy_(means)
+    state.feature_precision.copy_(precision)
+
+
+@torch.no_grad()
+def entropy_cil(model: ContinualTransformer, sub: TaskArrays, j: int, upto: int, cfg: DictConfig) -> tuple[int, int]:
+    """(right task, right task and class) over `sub`, test images of task j: ConTraCon's rule."""
+    e, d = cfg.eval, cfg.data
+    device = next(model.parameters()).device
+    views = e.clean_views + e.augmented_views
+    per_batch = max(1, e.batch_size // views)
+    right_task = right_both = 0
+    for i in range(0, len(sub), per_batch):
+        imgs = sub.images[i:i + per_batch]
+        x = make_views(imgs, d.mean, d.std, e.clean_views, e.augmented_views,
+                       generator_seed=e.seed * 1_000_003 + 7919 * j + i).to(device)
+        task_ids, pred, _, _ = classify_all_tasks(model, x, upto + 1, e.clean_views)
+        ok_task = task_ids.cpu() == j
+        right_task += int(ok_task.sum())
+        right_both += int((ok_task & (pred.cpu() == sub.labels[i:i + per_batch])).sum())
+    return right_task, right_both
+
+
+@torch.no_grad()
+def mahalanobis_cil(model: ContinualTransformer, sub: TaskArrays, upto: int, cfg: DictConfig, j: int) -> tuple[int, int]:
+    """(right task, right task and class) over `sub`: every task's network scores the clean image by
+    the distance of its pooled features to its own Gaussian; the nearest task classifies."""
+    device = next(model.parameters()).device
+    distances, preds = [], []
+    for t in range(upto + 1):
+        state = model.tasks[t]
+        z = pooled_features(model, sub.images, t, cfg)
+        distances.append(mahalanobis_distance(z, state.class_means.cpu(), state.feature_precision.cpu()))
+        preds.append(state.head(z.to(device)).argmax(-1).cpu())
+    task_ids = torch.stack(distances).argmin(dim=0)
+    pred = torch.stack(preds).gather(0, task_ids[None]).squeeze(0)
+    ok_task = task_ids == j
+    return int(ok_task.sum()), int((ok_task & (pred == sub.labels)).sum())
+
+
 @torch.no_grad()
 def evaluate(model: ContinualTransformer, stream: TaskStream, upto: int, cfg: DictConfig) -> dict:
-    """After task `upto`: task-incremental accuracy on every task seen (the task given), and
-    class-incremental accuracy + task-identification accuracy (entropic, batched over views)."""
+    """After task `upto`: task-incremental accuracy on every task seen (the task given), and for each
+    task-identification rule, class-incremental accuracy + task-identification accuracy."""
     e, d = cfg.eval, cfg.data
     model.eval()
     device = next(model.parameters()).device
     norm = normalise(d.mean, d.std)
-    til, cil, tid, til_n, cil_n = [], [], [], [], []
+    out: dict = {"til": [], "til_samples": []}
     for j in range(upto + 1):
         test = stream.test(j).take(e.test_samples_per_task, seed=e.seed)
         correct = 0
         for i in range(0, len(test), e.batch_size):
             x = norm(test.images[i:i + e.batch_size]).to(device)
             correct += int((model(x, j).argmax(-1).cpu() == test.labels[i:i + e.batch_size]).sum())
-        til.append(correct / len(test))
-        til_n.append(len(test))
-        if not e.cil:
-            continue
-        sub = stream.test(j).take(e.cil_samples_per_task, seed=e.seed + 1)
-        views = e.clean_views + e.augmented_views
-        per_batch = max(1, e.batch_size // views)
-        right_task = right_both = 0
-        for i in range(0, len(sub), per_batch):
-            imgs = sub.images[i:i + per_batch]
-            x = make_views(imgs, d.mean, d.std, e.clean_views, e.augmented_views,
-                           generator_seed=e.seed * 1_000_003 + 7919 * j + i).to(device)
-            task_ids, pred, _, _ = classify_all_tasks(model, x, upto + 1, e.clean_views)
-            ok_task = task_ids.cpu() == j
-            right_task += int(ok_task.sum())
-            right_both += int((ok_task & (pred.cpu() == sub.labels[i:i + per_batch])).sum())
-        cil.append(right_both / len(sub))
-        tid.append(right_task / len(sub))
-        cil_n.append(len(sub))
-    return {"til": til, "cil": cil or None, "task_id": tid or None, "til_samples": til_n, "cil_samples": cil_n or None}
+        out["til"].append(correct / len(test))
+        out["til_samples"].append(len(test))
+        for rule in task_id_rules(cfg):
+            suffix = "" if rule == "entropy" else f"_{rule}"
+            if rule == "entropy":
+                sub = stream.test(j).take(e.cil_samples_per_task, seed=e.seed + 1)
+                right_task, right_both = entropy_cil(model, sub, j, upto, cfg)
+            else:
+                sub = stream.test(j).take(e.density_samples_per_task, seed=e.seed + 1)
+                right_task, right_both = mahalanobis_cil(model, sub, upto, cfg, j)
+            out.setdefault(f"cil{suffix}", []).append(right_both / len(sub))
+            out.setdefault(f"task_id{suffix}", []).append(right_task / len(sub))
+            out.setdefault(f"cil{suffix}_samples", []).append(len(sub))
+    return out
 
 
 # ---- checkpoints (save_atomic: selfsup/launch/checkpointing.py) ---------------------------------
@@ -256,6 +321,7 @@ def run_continual(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoints" / CHECKPOINT
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    task_id_rules(cfg)  # a bad rule fails now, not after the first task has trained
     stream = TaskStream(cfg)
     model = build_model(cfg)
     rows: list[dict] = []
@@ -283,6 +349,7 @@ def run_continual(cfg: DictConfig, run_dir: str | Path) -> dict:
         info = train_task(model, task, train, val, cfg, logger, stream.tasks)
         if task == 0:
             model.finish_first_task()
+        fit_task_gaussian(model, task, train, cfg)
         steps += info["steps"]
         row = {"task": task + 1, "params": model.task_parameters(task) if task else sum(
             p.numel() for p in model.backbone.parameters()) + model.task_parameters(0), **info}
@@ -305,19 +372,18 @@ def run_continual(cfg: DictConfig, run_dir: str | Path) -> dict:
 def log_task(logger, summary: dict, row: dict, task: int) -> None:
     tb = logger.experiment
     step = task + 1
-    for key in ("til", "cil", "task_id"):
+    for key, title in M.MATRICES.items():
         avg = summary[f"average_{key}"][task]
         if avg is not None:
             tb.add_scalar(f"continual/average_{key}", avg, step)
         if row.get(key):
             for j, v in enumerate(row[key]):
                 tb.add_scalar(f"continual/{key}/task{j + 1}", v, step)
-            picture = M.matrix_picture(summary[key], {"til": "task-incremental", "cil": "class-incremental",
-                                                      "task_id": "task identification"}[key] + " accuracy")
+            picture = M.matrix_picture(summary[key], title)
             tb.add_image(f"continual/{key}_matrix", picture, step, dataformats="HWC")
-    for key in ("forgetting_til", "forgetting_cil"):
-        if summary[key][task] is not None:
-            tb.add_scalar(f"continual/{key}", summary[key][task], step)
+    for key in M.FORGETTING:
+        if summary[f"forgetting_{key}"][task] is not None:
+            tb.add_scalar(f"continual/forgetting_{key}", summary[f"forgetting_{key}"][task], step)
     tb.add_scalar("continual/params_added", row["params"], step)
     tb.flush()
 

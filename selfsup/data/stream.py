@@ -20,6 +20,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 
 from selfsup.data.shards import builtin_shards, read_index
+from selfsup.data.tarstream import use_fast_tar_reader
+from selfsup.data.views import ViewCollate
 from selfsup.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -72,23 +74,44 @@ def dataset_classes(spec: str | list[str]) -> list[str] | None:
     return index.get("classes") if index else None
 
 
+JPEG_KEYS = ("jpg", "jpeg")
+
+
+def decode_image(data: bytes, ext: str = "jpg") -> torch.Tensor:
+    """Encoded image bytes -> uint8 RGB tensor [3, H, W]. JPEGs go through torchvision.io.decode_jpeg
+    (libjpeg-turbo straight into a tensor: faster than PIL's decode + conversion, BENCHMARKS.md),
+    anything else (and a JPEG that it refuses, e.g. CMYK) through PIL."""
+    if ext in JPEG_KEYS:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except Exception:  # noqa: BLE001 - let PIL try (and raise a readable error)
+            pass
+    from PIL import Image
+
+    from selfsup.data.views import as_uint8_image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return as_uint8_image(img.convert("RGB"))
+
+
 class SampleDecoder:
     """Decodes one webdataset sample to `{"key", "label", **view(image)}`; returns None (and counts
-    it) when the image cannot be decoded or the view fails on it."""
+    it) when the image cannot be decoded or the view fails on it. `stage="sample"` runs only the
+    per-image stage of a two-stage view (`View.sample`, uint8 tensors; the batch stage then runs on
+    the training device); `"full"` gives the finished, normalised tensors."""
 
-    def __init__(self, view: Callable, skipped: multiprocessing.Value):
+    def __init__(self, view: Callable, skipped: multiprocessing.Value, stage: str = "full"):
         self.view = view
         self.skipped = skipped
+        self.apply = view.sample if stage == "sample" else view
 
     def __call__(self, sample: dict) -> dict | None:
-        from PIL import Image
-
         key = sample.get("__key__", "?")
         try:
-            data = next(sample[k] for k in IMAGE_KEYS if k in sample)
-            with Image.open(io.BytesIO(data)) as img:
-                image = img.convert("RGB")
-            out = self.view(image)
+            ext = next(k for k in IMAGE_KEYS if k in sample)
+            out = self.apply(decode_image(sample[ext], ext))
         except Exception as err:  # a corrupt sample must not end a long run
             with self.skipped.get_lock():
                 self.skipped.value += 1
@@ -98,6 +121,17 @@ class SampleDecoder:
         return {"key": key, "label": label, **out}
 
 
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, straight into shared memory inside a DataLoader worker (as default_collate does):
+    the batch then crosses to the main process without another copy."""
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        elem = tensors[0]
+        storage = elem._typed_storage()._new_shared(sum(t.numel() for t in tensors), device=elem.device)
+        out = elem.new(storage).resize_(len(tensors), *elem.shape)
+    return torch.stack(tensors, 0, out=out)
+
+
 def collate(samples: list[dict]) -> dict:
     batch = {"key": [s["key"] for s in samples], "label": torch.tensor([s["label"] for s in samples])}
     for name in samples[0]:
@@ -105,9 +139,9 @@ def collate(samples: list[dict]) -> dict:
             continue
         value = samples[0][name]
         if isinstance(value, torch.Tensor):
-            batch[name] = torch.stack([s[name] for s in samples])
+            batch[name] = _stack([s[name] for s in samples])
         elif isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
-            batch[name] = [torch.stack([s[name][i] for s in samples]) for i in range(len(value))]
+            batch[name] = [_stack([s[name][i] for s in samples]) for i in range(len(value))]
         else:
             batch[name] = [s[name] for s in samples]
     return batch
@@ -138,7 +172,7 @@ def world() -> tuple[int, int]:
 
 
 def make_stream(urls, decoder, *, batch_size, num_workers, shuffle_buffer, resampled, seed, batches_per_rank=None,
-                expand: Callable | None = None):
+                expand: Callable | None = None, prefetch_factor: int | None = None, collation_fn: Callable = None):
     """Endless training stream (batches_per_rank set) or a single ordered pass (None). `expand` (an
     iterator -> iterator stage) turns each stored sample into several (e.g. an episode chunk into its
     temporal samples, see selfsup.data.temporal); the shuffle buffer then mixes what it yields."""
@@ -160,6 +194,7 @@ def make_stream(urls, decoder, *, batch_size, num_workers, shuffle_buffer, resam
         seed=seed,
         handler=wds.warn_and_continue,
     )
+    use_fast_tar_reader(dataset, handler=wds.warn_and_continue)  # webdataset's, less its tarfile overhead
     if training and not resampled:
         dataset = dataset.repeat()
     if expand is not None:
@@ -169,9 +204,12 @@ def make_stream(urls, decoder, *, batch_size, num_workers, shuffle_buffer, resam
     if training and shuffle_buffer:
         dataset = dataset.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000))
     dataset = dataset.map(decoder).select(lambda s: s is not None)
-    dataset = dataset.batched(batch_size, collation_fn=collate, partial=not training)
+    dataset = dataset.batched(batch_size, collation_fn=collation_fn or collate, partial=not training)
+    # pinned host memory where a GPU will take the batch (an asynchronous copy); batches are collated
+    # into shared memory in the workers (collate), uint8 for a two-stage view (selfsup.data.views)
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=training and num_workers > 0,
-                           pin_memory=torch.cuda.is_available())
+                           pin_memory=torch.cuda.is_available(),
+                           prefetch_factor=(prefetch_factor or 2) if num_workers > 0 else None)
     if training:
         loader = loader.with_epoch(batches_per_rank).with_length(batches_per_rank)
     return loader
@@ -197,12 +235,30 @@ class ShardDataModule(LightningDataModule):
         _, world_size = world()
         return max(1, self.num_samples // (world_size * self.cfg.batch_size))
 
+    def training_on_gpu(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
+    def train_view_in_use(self):
+        """The method's view with `data.gpu_augment` applied (a two-stage View), or the view as given.
+        Without a GPU to train on, the batched augmentations run in the workers, on each batch."""
+        view = self.train_view
+        if hasattr(view, "with_gpu_augment"):
+            on = bool(self.cfg.get("gpu_augment", False))
+            view = view.with_gpu_augment(on, in_workers=on and not self.training_on_gpu())
+        return view
+
     def train_dataloader(self):
         rank, _ = world()
-        if hasattr(self.train_view, "stream_stages"):  # a view over stored sequences (temporal samples)
-            expand, decoder = self.train_view.stream_stages(self.skipped)
+        view = self._view = self.train_view_in_use()
+        if hasattr(view, "stream_stages"):  # a view over stored sequences (temporal samples)
+            expand, decoder = view.stream_stages(self.skipped)
         else:
-            expand, decoder = None, SampleDecoder(self.train_view, self.skipped)
+            stage = "sample" if hasattr(view, "batch") else "full"
+            expand, decoder = None, SampleDecoder(view, self.skipped, stage=stage)
+        collation_fn = ViewCollate(view, collate) if hasattr(view, "worker_batch") else collate
         return make_stream(
             self.urls,
             decoder,
@@ -213,7 +269,17 @@ class ShardDataModule(LightningDataModule):
             resampled=self.cfg.resampled,
             seed=self.seed + rank,
             batches_per_rank=self.batches_per_rank(),
+            prefetch_factor=self.cfg.get("prefetch_factor"),
+            collation_fn=collation_fn,
         )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """The batch stage of a two-stage view, on the training device: uint8 -> normalised floats, and
+        with data.gpu_augment the photometric augmentations of whole batches."""
+        view = getattr(self, "_view", None)
+        if view is not None and hasattr(view, "batch") and isinstance(batch, dict):
+            batch = view.batch(batch)
+        return batch
 
 
 def eval_loader(spec, view: Callable, batch_size: int = 256, num_workers: int = 1):
