@@ -246,12 +246,7 @@ def test_one_training_step_of_the_vit_b_recipe_at_small_resolution(tmp_path):
     assert all(float(s["step"]) == 1 and s["exp_avg"].abs().max() > 0 for s in state["state"].values())
 
 
-# ---- it learns -----------------------------------------------------------------------------------
-
-# CI budget (idle 2-core machine): ~100 s of pretraining and two probes on small real splits
-LEARN_STEPS = 40
-PROBE_TRAIN, PROBE_TEST = 1000, 2000
-LEARN_MARGIN = 5.0
+# ---- helpers -------------------------------------------------------------------------------------
 
 
 def small_split(split: str, n: int, folder) -> str:
@@ -261,31 +256,3 @@ def small_split(split: str, n: int, folder) -> str:
     samples, _, classes = builtin_samples("fashion_mnist", split)
     write_shards(itertools.islice(samples, n), folder, prefix=split, total=n, classes=classes)
     return str(folder / f"{split}-000000.tar")
-
-
-def sit_learning_run(tmp_path, seed: int = 0, steps: int = LEARN_STEPS, extra=(), timeout: int = 1800) -> dict:
-    from selfsup.eval.probe import run_probe
-
-    train = small_split("train", PROBE_TRAIN, tmp_path / "probe-train")
-    test = small_split("test", PROBE_TEST, tmp_path / "probe-test")
-    probe_args = ["data=fashion_mnist", f"data.train={train}", f"data.test={test}"]
-    run_submit("pretrain", "sit", "vit_t", f"trainer.max_steps={steps}", f"seed={seed}",
-               "trainer.enable_progress_bar=false", f"run_dir={tmp_path}", f"run_name=r{seed}", *extra,
-               timeout=timeout, check=True)
-    pretrained = run_probe(str(tmp_path / f"r{seed}"), probe_args)
-    same_vit = ["backbone.kwargs.img_size=32", "backbone.kwargs.patch_size=4"]
-    random_init = run_probe("random:vit_t", [*probe_args, *same_vit])
-    return {"sit": pretrained["linear"]["top1"], "random": random_init["linear"]["top1"],
-            "test_samples": pretrained["test_samples"], "train_samples": pretrained["train_samples"]}
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(2400)
-def test_sit_vit_t_beats_its_random_init(tmp_path):
-    """A short SiT run on vit_t (32 px, patch 4) against the same ViT at random init (timm's init,
-    seed 0), linear probe fitted on 1,000 train images and scored on 2,000 test images. The margin is
-    several times the noise of a top-1 difference on 2,000 images (about 1 point)."""
-    result = sit_learning_run(tmp_path)
-    print(f"sit {result['sit']:.2f}  random init {result['random']:.2f}")
-    assert (result["train_samples"], result["test_samples"]) == (PROBE_TRAIN, PROBE_TEST)
-    assert result["sit"] >= result["random"] + LEARN_MARGIN
