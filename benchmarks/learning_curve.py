@@ -1,6 +1,7 @@
 """Does a method learn? Pretrain for 5, 10 and 15 minutes of wall time (one run, resumed: Lightning's
 Timer state travels in the checkpoint), probe after each, and compare with the baselines: the same
-backbone at random init (its best standard init) and raw pixels. Prints a markdown table.
+backbone at random init (its best standard init, built with the run's backbone.kwargs) and raw
+pixels. Prints a markdown table.
 
     python benchmarks/learning_curve.py rotnet resnet10_s1_w32 --minutes 5 10 15 --pretrain trainer.max_steps=1500
 
@@ -32,6 +33,15 @@ def probe(target: str, probe_args: list[str]) -> dict:
     return {"linear": result["linear"]["top1"], "knn": result["knn"]["top1"], "step": result.get("global_step", 0)}
 
 
+def same_architecture(run: Path) -> list[str]:
+    """`backbone.kwargs.*` of the run (e.g. a ViT's img_size and patch_size): the random-init
+    baseline is the network the run trained, not the registry's default build of that name."""
+    from omegaconf import OmegaConf
+
+    kwargs = OmegaConf.to_container(OmegaConf.load(run / "config.yaml").backbone.kwargs, resolve=True)
+    return [f"backbone.kwargs.{key}={json.dumps(value)}" for key, value in kwargs.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("method")
@@ -57,7 +67,7 @@ def main() -> None:
         result = probe(str(run), args.probe)
         rows.append({"minutes": minutes, **result})
         print(f"after {minutes:g} min (step {result['step']}): linear {result['linear']:.2f}  k-NN {result['knn']:.2f}", flush=True)
-    random_init = probe(f"random:{args.backbone}", args.probe)
+    random_init = probe(f"random:{args.backbone}", [*args.probe, *same_architecture(run)])
     pixels = probe("pixels", args.probe)
     best_baseline = max(random_init["linear"], pixels["linear"])
     print("\n| pretraining | steps | linear top-1 | k-NN top-1 | margin over best baseline |")

@@ -349,6 +349,29 @@ def resized_crop_view(image_size: int, mean: Sequence[float], std: Sequence[floa
     return View({"image": Branch(geometry, Photometric(flip=0.5))}, mean, std, gpu_augment)
 
 
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+def two_views(image_size: int, mean: Sequence[float], std: Sequence[float], scale=(0.08, 1.0),
+              color_jitter: float = 0.4, interpolation: str = "bicubic") -> Callable:
+    """Two independent draws of timm's training transform without AutoAugment, random erasing or
+    mixup (SiT's views, specs §3(a) step 3): RandomResizedCrop, horizontal flip, ColorJitter with
+    brightness = contrast = saturation = `color_jitter` (applied always, no hue), normalised."""
+    if interpolation not in INTERPOLATIONS:
+        from selfsup.errors import unknown_choice
+
+        raise unknown_choice("interpolation", interpolation, INTERPOLATIONS)
+    mode = v2.InterpolationMode(interpolation)
+    jitter = [v2.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter else []
+    transform = v2.Compose([
+        v2.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=mode, antialias=True),
+        v2.RandomHorizontalFlip(),
+        *jitter,
+        *to_float(mean, std),
+    ])
+    return lambda img: {"view1": transform(img), "view2": transform(img)}
+
+
 def colour_augment(p_jitter: float = 0.8, p_gray: float = 0.2) -> list:
     return [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=p_jitter), v2.RandomGrayscale(p_gray)]
 

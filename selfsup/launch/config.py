@@ -146,18 +146,21 @@ def compose(method: str, backbone: str, overrides: list[str], base: DictConfig |
         method_cfg = _load(root / "method" / f"{method}.yaml")
         per_backbone = method_cfg.pop("backbones", None) or {}
         demo = method_cfg.pop("demo", None) or {}
+        recipe = per_backbone.get(backbone) or OmegaConf.create({})
+        # a backbone's recipe may carry its own `demo:`, applied after the method's (e.g. SiT: the
+        # official ViT-B recipe keeps 224 px on the demo data, the CPU vit_t recipe its 32 px)
+        backbone_demo = recipe.pop("demo", None) or {}
         cfg = OmegaConf.merge(cfg, method_cfg, {"backbone": {"name": backbone}})
         if (root / "backbone" / f"{backbone}.yaml").exists():
             cfg = OmegaConf.merge(cfg, _load(root / "backbone" / f"{backbone}.yaml"))
-        if backbone in per_backbone:
-            cfg = OmegaConf.merge(cfg, per_backbone[backbone])
+        cfg = OmegaConf.merge(cfg, recipe)
         selected = {k: v for k, v in pairs if k in GROUPS}
         if "data" in selected:
             cfg = select_data(cfg, selected["data"])
         elif (root / "data" / f"{cfg.data.name}.yaml").exists():
             cfg = OmegaConf.merge(cfg, _load(root / "data" / f"{cfg.data.name}.yaml"))
         if uses_demo_data(pairs):
-            cfg = OmegaConf.merge(cfg, demo)
+            cfg = OmegaConf.merge(cfg, demo, backbone_demo)
         for group in ("cluster", "strategy"):
             name = selected.get(group, cfg[group].name)
             if name not in available(group):

@@ -22,6 +22,8 @@ METHODS: dict[str, MethodEntry] = {
     "tov_vicreg": MethodEntry("selfsup.ssl.tov_vicreg.method:TOVVICReg", ("vit", "convnet"),
                               "VICReg + temporal order verification on 3-frame stacks (Atari episodes)"),
     "spark": MethodEntry("selfsup.ssl.spark.method:SparK", ("convnet",), "sparse masked modelling: reconstruct masked patches"),
+    "sit": MethodEntry("selfsup.ssl.sit.method:SiT", ("vit",),
+                       "SiT v1: rotation + contrastive tokens, reconstruction of corrupted views, learned loss weights"),
 }
 
 

@@ -18,7 +18,8 @@ from selfsup.backbones import create_backbone
 from selfsup.data import views
 
 # parameters never decayed besides 1-D ones (norms, biases): learned tokens and layer-scale
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token", "dist_token", "gamma", "rot_token")
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token", "dist_token", "gamma", "rot_token",
+                  "sit_token")
 
 
 def warmup_cosine(step: int, total: int, warmup: int, start_ratio: float, min_ratio: float, schedule: str) -> float:
