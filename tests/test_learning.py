@@ -45,7 +45,7 @@ SPARK_MARGIN = 1.0
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_spark_beats_random_init_and_pixels(tmp_path):
-    """SPARK_STEPS steps of the resnet18_s1 CPU recipe (the README's curve: +3.06 after 379 steps).
+    """SPARK_STEPS steps of the resnet18_s1 CPU recipe. Measured: 85.92 vs pixels 83.49 and random init 80.32.
     A probe fitted on 5,000 images favours the 784 pixels over the 512-d features (300 steps: +1.08)."""
     train = builtin_shards("fashion_mnist", "train")
     probe_args = ["data=fashion_mnist", f"data.train={train}/train-{{000000..000001}}.tar"]  # 10k train images
