@@ -353,7 +353,7 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 def two_views(image_size: int, mean: Sequence[float], std: Sequence[float], scale=(0.08, 1.0),
-              color_jitter: float = 0.4, interpolation: str = "bicubic") -> Callable:
+              color_jitter: float = 0.4, interpolation: str = "bicubic") -> View:
     """Two independent draws of timm's training transform without AutoAugment, random erasing or
     mixup (SiT's views, specs §3(a) step 3): RandomResizedCrop, horizontal flip, ColorJitter with
     brightness = contrast = saturation = `color_jitter` (applied always, no hue), normalised."""
@@ -361,15 +361,12 @@ def two_views(image_size: int, mean: Sequence[float], std: Sequence[float], scal
         from selfsup.errors import unknown_choice
 
         raise unknown_choice("interpolation", interpolation, INTERPOLATIONS)
-    mode = v2.InterpolationMode(interpolation)
-    jitter = [v2.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter else []
-    transform = v2.Compose([
-        v2.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=mode, antialias=True),
-        v2.RandomHorizontalFlip(),
-        *jitter,
-        *to_float(mean, std),
-    ])
-    return lambda img: {"view1": transform(img), "view2": transform(img)}
+    geometry = v2.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=v2.InterpolationMode(interpolation),
+                                    antialias=True)
+    photometric = Photometric(flip=0.5, jitter=1.0 if color_jitter else 0.0,
+                              jitter_strength=(color_jitter, color_jitter, color_jitter, 0.0))
+    branch = Branch(geometry, photometric)
+    return View({"view1": branch, "view2": branch}, mean, std)
 
 
 def colour_augment(p_jitter: float = 0.8, p_gray: float = 0.2) -> list:
