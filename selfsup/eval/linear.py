@@ -61,7 +61,8 @@ def select_hyperparameters(x: torch.Tensor, y: torch.Tensor, num_classes: int, *
                            weight_decays=DEFAULT_WEIGHT_DECAYS, val_fraction: float = 0.1, max_iter: int = 1000,
                            select_samples: int | None = 20000, seed: int = 0) -> tuple[dict, list[dict]]:
     """Weight decay chosen by top-1 on a validation split of the train features (the sweep fits on at
-    most `select_samples` of the rest, which keeps a probe of 60k 1024-d features to a minute)."""
+    most `select_samples` of the rest, which keeps a probe of 60k 1024-d features to about 3.5 minutes
+    on 2 cores)."""
     fit_idx, val_idx = split_train_val(len(x), val_fraction, seed)
     fit_idx = fit_idx[:select_samples] if select_samples else fit_idx
     sweep = []
