@@ -13,6 +13,7 @@ import io
 import logging
 import multiprocessing
 import os
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -171,6 +172,22 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def seeded_shuffle(bufsize: int, initial: int, seed: int, stage_name: str) -> Callable:
+    """A shuffle-buffer stage whose order follows the run's seed and the loader worker.
+
+    webdataset's own shuffle seeds itself from the pid and the clock unless given a seed, which made
+    two runs of one config pretrain on different orders; one fixed seed would give every worker the
+    same permutation pattern. The worker is known only inside it, so the generator is made there."""
+    import webdataset as wds
+
+    def stage(source):
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(f"{stage_name}:{seed}:{info.id if info else 0}")
+        return wds.shuffle(bufsize, initial=initial, rng=rng)(source)
+
+    return stage
+
+
 def make_stream(urls, decoder, *, batch_size, num_workers, shuffle_buffer, resampled, seed, batches_per_rank=None,
                 expand: Callable | None = None, prefetch_factor: int | None = None, collation_fn: Callable = None):
     """Endless training stream (batches_per_rank set) or a single ordered pass (None). `expand` (an
@@ -199,10 +216,10 @@ def make_stream(urls, decoder, *, batch_size, num_workers, shuffle_buffer, resam
         dataset = dataset.repeat()
     if expand is not None:
         if training and shuffle_buffer:
-            dataset = dataset.shuffle(min(shuffle_buffer, 64), initial=min(shuffle_buffer, 16))
+            dataset = dataset.compose(seeded_shuffle(min(shuffle_buffer, 64), min(shuffle_buffer, 16), seed, "stored"))
         dataset = dataset.compose(expand)
     if training and shuffle_buffer:
-        dataset = dataset.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000))
+        dataset = dataset.compose(seeded_shuffle(shuffle_buffer, min(shuffle_buffer, 1000), seed, "samples"))
     dataset = dataset.map(decoder).select(lambda s: s is not None)
     dataset = dataset.batched(batch_size, collation_fn=collation_fn or collate, partial=not training)
     # pinned host memory where a GPU will take the batch (an asynchronous copy); batches are collated
