@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import run_submit
-from selfsup.eval.linear import knn_probe, linear_probe, select_hyperparameters
+from selfsup.eval.linear import knn_probe, linear_probe, select_hyperparameters, train_linear
 
 
 def blobs(n, d=16, k=4, seed=0, noise=1.0):
@@ -40,6 +41,28 @@ def test_hyperparameters_never_depend_on_the_test_split():
     assert a["chosen"] == b["chosen"] and a["sweep"] == b["sweep"]
     assert select_hyperparameters(x, y, 4)[0] == a["chosen"]  # the selection sees the train split only
 
+
+
+def test_default_fit_reaches_the_optimum_on_correlated_features():
+    """Overlapping classes seen through correlated, ill-conditioned features (as real network features
+    are): the default L-BFGS budget reaches the minimum of the penalised loss, where 150 iterations
+    (the old default) stopped short of it."""
+    g = torch.Generator().manual_seed(0)
+    n, d, k = 20000, 128, 10
+    y = torch.randint(0, k, (n,), generator=g)
+    z = torch.randn(k, d, generator=g)[y] + 8.0 * torch.randn(n, d, generator=g)
+    rotation, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    x = z @ (rotation * torch.logspace(0, -3, d)) @ rotation.T
+    wd = 1e-5
+
+    def penalised_loss(clf):
+        return (F.cross_entropy(clf.logits(x), y) + 0.5 * wd * clf.weight.pow(2).sum()).item()
+
+    default = penalised_loss(train_linear(x, y, k, weight_decay=wd))
+    longer = penalised_loss(train_linear(x, y, k, weight_decay=wd, max_iter=3000))
+    early = penalised_loss(train_linear(x, y, k, weight_decay=wd, max_iter=150))
+    assert default - longer < 1e-4
+    assert early - longer > 1e-2
 
 def test_submit_probe_random_and_run_folder(tmp_path):
     proc = run_submit("probe", "random:resnet_tiny", "data=digits", check=True)
