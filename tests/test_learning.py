@@ -1,9 +1,10 @@
 """Methods learn: a short pretraining run beats the strongest baseline (the same backbone at random
 init, and raw pixels) in a linear probe on held-out Fashion-MNIST.
 
-The budgets are short for CI; the margins asserted are smaller than the 15-minute ones reported in
-the README but far outside the noise of a probe top-1 difference (std about 0.4 points on 10,000 test
-images).
+The budgets are short for CI, so the margins asserted are smaller than the 15-minute ones reported in
+the README. A run is reproducible from its seed on one machine, but another CPU may round differently
+and then draws another run, so each margin is calibrated on five seeds (README) and sits below the
+lowest of them.
 """
 
 import pytest
@@ -31,16 +32,21 @@ def pretrain_and_probe(tmp_path, method: str, backbone: str, overrides: list[str
     return top1
 
 
+ROTNET_MARGIN = 0.75  # 2.1 sd under the five seeds' mean margin
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_rotnet_beats_random_init_and_pixels(tmp_path):
-    """300 RotNet steps of the plain convnet4. Measured: 85.3 vs random init 83.5 (probe on 10k train images)."""
+    """300 RotNet steps of the plain convnet4. Seeds 0-4: 85.28 / 85.10 / 84.60 / 84.89 / 84.58 against
+    pixels 83.49 and random init 82.86, margins +1.09 to +1.79 (mean +1.40, sd 0.31); 600 steps gave no
+    more (mean 84.96), nor did the converged or the 60k-image probe widen the margin."""
     train = builtin_shards("fashion_mnist", "train")
     probe_args = ["data=fashion_mnist", f"data.train={train}/train-{{000000..000001}}.tar", CALIBRATED_PROBE]
-    # fp32: the margin was calibrated in fp32 (85.3 vs 83.5); in bf16 one run of two fell below it
+    # fp32: the margin was calibrated in fp32
     top1 = pretrain_and_probe(tmp_path, "rotnet", "convnet4", ["trainer.max_steps=300", "trainer.precision=32-true"], probe_args)
     assert top1["samples"] == (10000, 10000)
-    assert top1["pretrained"] >= max(top1["random"], top1["pixels"]) + 1.0
+    assert top1["pretrained"] >= max(top1["random"], top1["pixels"]) + ROTNET_MARGIN
 
 
 SPARK_STEPS = 300
