@@ -42,7 +42,6 @@ def test_hyperparameters_never_depend_on_the_test_split():
     assert select_hyperparameters(x, y, 4)[0] == a["chosen"]  # the selection sees the train split only
 
 
-
 def test_default_fit_reaches_the_optimum_on_correlated_features():
     """Overlapping classes seen through correlated, ill-conditioned features (as real network features
     are): the default L-BFGS budget reaches the minimum of the penalised loss, where 150 iterations
