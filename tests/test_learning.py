@@ -32,15 +32,16 @@ def pretrain_and_probe(tmp_path, method: str, backbone: str, overrides: list[str
     return top1
 
 
-ROTNET_MARGIN = 0.75  # 2.1 sd under the five seeds' mean margin
+ROTNET_MARGIN = 0.5  # 2.6 sd under the five seeds' mean margin
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_rotnet_beats_random_init_and_pixels(tmp_path):
     """300 RotNet steps of the plain convnet4. Seeds 0-4: 85.28 / 85.10 / 84.60 / 84.89 / 84.58 against
-    pixels 83.49 and random init 82.86, margins +1.09 to +1.79 (mean +1.40, sd 0.31); 600 steps gave no
-    more (mean 84.96), nor did the converged or the 60k-image probe widen the margin."""
+    pixels 83.60 and random init 83.51 (this probe on a CPU without bf16; a bf16 machine's rounding gave
+    83.49 and 82.86), margins +0.98 to +1.68 (mean +1.29, sd 0.31); 600 steps gave no more (mean 84.96),
+    nor did the converged or the 60k-image probe widen the margin."""
     train = builtin_shards("fashion_mnist", "train")
     probe_args = ["data=fashion_mnist", f"data.train={train}/train-{{000000..000001}}.tar", CALIBRATED_PROBE]
     # fp32: the margin was calibrated in fp32
@@ -50,10 +51,11 @@ def test_rotnet_beats_random_init_and_pixels(tmp_path):
 
 
 SPARK_STEPS = 300
-# At 300 steps SparK's margin over raw pixels varies run to run far more than RotNet's: four runs gave
-# 85.92 / 83.97 (stop 17-18, bf16 or fp32 by machine) and 84.95 / 85.49 (seeds 1 and 2, fp32), against
-# pixels 83.49 and random init 80.32. So the test asserts the margin every run reached over each
-# baseline: +0.25 over pixels (lowest +0.48) and +3 over the random init (lowest +3.65). A SparK that
+# At 300 steps SparK's margin over raw pixels varies run to run far more than RotNet's: 85.92 and 83.97
+# (two earlier unseeded runs, against pixels 83.49 and random init 80.32 on their machine), and 85.30 /
+# 84.95 / 85.49 (seeds 0-2, fp32 on a CPU without bf16, against pixels 83.60 and random init 80.30).
+# So the test asserts the margin every run reached over each baseline: +0.25 over pixels (lowest
+# +0.48) and +3 over the random init (lowest +3.65). A SparK that
 # learns nothing keeps the random init's features and fails both; the 3-point margin over pixels is
 # the README's 15-minute curve (1050 steps), not this test's.
 SPARK_MARGIN_OVER_PIXELS = 0.25
