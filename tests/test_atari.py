@@ -13,7 +13,7 @@ from conftest import run_submit
 from selfsup.data import atari
 from selfsup.data.atari import RAM_VARIABLES, decode_chunk, write_atari_shards
 from selfsup.data.stream import ShardDataModule, count_samples
-from selfsup.data.temporal import TemporalView
+from selfsup.data.temporal import TemporalView, tov_transforms
 from selfsup.eval.atari_ram import load_split
 
 MAX_EPISODE = 40  # short episodes: many borders in a few hundred frames
@@ -95,6 +95,17 @@ def test_augmented_views_shapes_and_ranges(short_episodes):
         assert 0.0 <= sample[k].min() and sample[k].max() <= 1.0
     # x and y are two different augmentations of the same stack; z and w keep their geometry (A3 has no crop)
     assert not torch.equal(sample["x"], sample["y"])
+
+
+@pytest.mark.parametrize("flip", [0.0, 0.5])
+def test_flip_option_sets_how_often_a1_mirrors(flip):
+    # left half bright, right half dark: jitter, grayscale and blur keep which side is brighter
+    stack = torch.zeros(3, 84, 84, dtype=torch.uint8)
+    stack[..., :42] = 200
+    a1, _, _ = tov_transforms(crop_scale=(0.9, 1.0), flip=flip)
+    torch.manual_seed(0)
+    mirrored = sum(bool(x[..., :42].mean() < x[..., 42:].mean()) for x in (a1(stack) for _ in range(40)))
+    assert mirrored == 0 if flip == 0 else 8 <= mirrored <= 32
 
 
 def test_policy_gives_varied_ram_state(tmp_path):

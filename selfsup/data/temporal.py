@@ -57,10 +57,11 @@ def _jitter_gray() -> list:
     return [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
 
 
-def tov_transforms(image_size: int = 84, crop_scale=(0.08, 1.0)) -> tuple[Callable, Callable, Callable]:
+def tov_transforms(image_size: int = 84, crop_scale=(0.08, 1.0), flip: float = 0.5) -> tuple[Callable, Callable, Callable]:
     """A1, A2, A3 on uint8 tensors [3, H, W] -> float [3, image_size, image_size] in [0, 1]."""
     to_float = v2.ToDtype(torch.float32, scale=True)
-    crop = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True), v2.RandomHorizontalFlip()]
+    crop = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True),
+            *([v2.RandomHorizontalFlip(flip)] if flip else [])]
     blur = v2.GaussianBlur(7, sigma=(0.1, 0.2))
     a1 = v2.Compose([*crop, *_jitter_gray(), blur, to_float])
     a2 = v2.Compose([*crop, *_jitter_gray(), v2.RandomApply([blur], p=0.1), v2.RandomSolarize(120, p=0.2), to_float])
@@ -73,9 +74,9 @@ class TemporalView:
     from: episode, starts). `augment=False` gives the raw stacks as [0, 1] floats (tests, pictures).
     Used by the shard stream through `stream_stages`."""
 
-    def __init__(self, image_size: int = 84, crop_scale=(0.08, 1.0), augment: bool = True):
+    def __init__(self, image_size: int = 84, crop_scale=(0.08, 1.0), augment: bool = True, flip: float = 0.5):
         self.augment = augment
-        self.a1, self.a2, self.a3 = tov_transforms(image_size, crop_scale)
+        self.a1, self.a2, self.a3 = tov_transforms(image_size, crop_scale, flip)
         self.plain = v2.ToDtype(torch.float32, scale=True)
 
     def __call__(self, ref: tuple[Chunk, int]) -> dict:

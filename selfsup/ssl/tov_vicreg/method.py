@@ -28,7 +28,8 @@ class TOVVICReg(SSLMethod):
         self.temporal_head = TemporalOrderHead(dim)
 
     def train_view(self):
-        return TemporalView(self.cfg.data.image_size, tuple(self.cfg.method.crop_scale))
+        m = self.cfg.method
+        return TemporalView(self.cfg.data.image_size, tuple(m.crop_scale), flip=m.flip)
 
     def encode(self, *views: torch.Tensor) -> list[torch.Tensor]:
         """Pooled representations of each view. A ViT (no batch statistics) encodes them in one
