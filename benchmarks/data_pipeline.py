@@ -14,7 +14,7 @@ the batch size and the DataLoader workers its config uses, samples/s of:
   "decode share" is the fraction of the pipeline's time per image that decoding would take;
 - (c) torchvision ImageFolder + DataLoader over the same images as files, same workers, batch size
   and transforms, written the usual way: PIL decode, the view's torchvision.transforms.v2 chain on
-  PIL images, ToImage/ToDtype/Normalize per image (which is also what selfsup did before issue 9).
+  PIL images, ToImage/ToDtype/Normalize per image.
 
 Variants are measured in turn within each repeat (so all see the same machine load); each loader
 is started fresh, run past its start-up and prefetch queue, timed over --batches batches (whole

@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--pixels", type=int, default=224)
     parser.add_argument("--ratio", type=float, default=0.6)
-    parser.add_argument("--width", type=int, default=768, help="decoder width (the spec's 768)")
+    parser.add_argument("--width", type=int, default=768, help="decoder width (the paper's 768)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--repeats", type=int, default=9, help="more on a machine shared with other jobs")
     parser.add_argument("--warmup", type=int, default=2)

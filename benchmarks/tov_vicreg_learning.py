@@ -23,7 +23,7 @@ from pathlib import Path
 # stops a slower run early). Loss weights are the authors' main.py defaults (25/25/1/1), so the
 # temporal term weighs 1 rather than 0.1, and A1/A2 use crops of scale 0.8-1 without flip, because
 # the probed RAM variables are positions. At 150 steps that gave the best probe of the variants
-# tried (README). Precision auto: bf16 autocast on a CPU with native bf16 (the loss terms stay
+# tried (docs/results/tov_vicreg.md). Precision auto: bf16 autocast on a CPU with native bf16 (the loss terms stay
 # float32), fp32 on one without.
 CPU_RECIPE = [
     "data.batch_size=32", "data.num_workers=1", "optim.name=adamw", "optim.lr=5e-4", "optim.scale_lr=false",

@@ -1,4 +1,4 @@
-"""ConTraCon (specs §6): the re-weighting's properties §6(e), task identification, task streams,
+"""ConTraCon (docs/methods/contracon.md): the re-weighting's properties, task identification, task streams,
 the continual job end to end on split digits, and a SIGKILL during task 3 followed by a rerun."""
 
 import json
@@ -23,7 +23,7 @@ from selfsup.continual.taskid import class_gaussian, identify_task, mahalanobis_
 from selfsup.errors import UserError
 
 
-# ---- §6(e) 1-2: the re-weighting ------------------------------------------------------------------
+# ---- the re-weighting: per-head, no mixing, identity limit W_t -> W_0 -----------------------------
 def _random_reweight(heads=4, k=15, seed=0):
     torch.manual_seed(seed)
     return HeadConvReweight(heads, k)
@@ -61,7 +61,7 @@ def test_reweight_matches_per_head_convolutions_and_identity_limit():
     assert not torch.equal(reweight(w0, rw.kernels, rw.bias, torch.zeros(4, 1, 1)), w0)
 
 
-# ---- §6(e) 4: parameters per task ------------------------------------------------------------------
+# ---- parameters per task: 25,315 for cct_6, kernel 15, 10 classes ----------------------------------
 def test_parameters_per_task_cct6():
     with torch.device("meta"):
         model = ContinualTransformer(create_backbone("cct_6"), kernel_size=15)
@@ -105,7 +105,7 @@ def test_refuses_convnets():
         ContinualTransformer(create_backbone("convnet4"))
 
 
-# ---- §6(e) 3: earlier tasks bit-identical after a new task -------------------------------------------
+# ---- earlier tasks bit-identical after a new task ----------------------------------------------------
 def test_training_a_task_leaves_earlier_tasks_bit_identical(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
     from omegaconf import OmegaConf
@@ -145,7 +145,7 @@ def test_training_a_task_leaves_earlier_tasks_bit_identical(tmp_path):
     assert torch.equal(model(x, 0), out0)
 
 
-# ---- §6(e) 5: entropic task identification -------------------------------------------------------------
+# ---- entropic task identification: lowest entropy of the view-averaged softmax -------------------------
 def test_task_identification_picks_lowest_entropy_and_ties_go_low():
     b, v = 3, 16
     flat = torch.zeros(b, v, 2)  # uniform: entropy log 2

@@ -108,7 +108,7 @@ def test_missing_shards_are_a_user_error(tmp_path):
         expand_urls(str(tmp_path / "nothing-{000..003}.tar"))
 
 
-# ---- issue 9: the fast paths give what the reference paths give --------------------------------
+# ---- the fast paths give what the reference paths give -----------------------------------------
 def _photo(size=(96, 72)):
     """A crop of a real photograph (scikit-learn ships two), as a PIL image."""
     from sklearn.datasets import load_sample_images

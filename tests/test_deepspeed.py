@@ -1,6 +1,6 @@
 """DeepSpeed on CPU: the config we build (parsed by DeepSpeed itself), the strategy wiring, the
 BatchNorm-under-bf16 fix (through DeepSpeed's own module cast), EMA teachers, and the one-line
-errors where DeepSpeed cannot run (it needs CUDA). A real run needs a GPU: see the issue note."""
+errors where DeepSpeed cannot run (it needs CUDA). A real run needs a GPU: see docs/cluster.md."""
 
 import copy
 import types

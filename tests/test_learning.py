@@ -2,8 +2,8 @@
 init, and raw pixels) in a linear probe on held-out Fashion-MNIST.
 
 The budgets are short for CI, so the margins asserted are smaller than the 15-minute ones reported in
-the README. A run is reproducible from its seed on one machine, but another CPU may round differently
-and then draws another run, so each margin is calibrated on five runs (README) and sits below the
+docs/results/. A run is reproducible from its seed on one machine, but another CPU may round differently
+and then draws another run, so each margin is calibrated on several runs (docs/testing.md) and sits below the
 lowest of them.
 """
 
@@ -56,7 +56,7 @@ SPARK_STEPS = 300
 # 84.95 / 85.49 (seeds 0-2, fp32 on a CPU without bf16, against pixels 83.60 and random init 80.30).
 # So the test asserts the margin every run reached over each baseline: +0.25 over pixels (lowest
 # +0.48) and +3 over the random init (lowest +3.65). A SparK that learns nothing keeps the random
-# init's features and fails both; the 3-point margin over pixels is the README's 15-minute curve
+# init's features and fails both; the 3-point margin over pixels is the 15-minute curve of docs/results/spark.md
 # (1050 steps), not this test's.
 SPARK_MARGIN_OVER_PIXELS = 0.25
 SPARK_MARGIN_OVER_RANDOM = 3.0

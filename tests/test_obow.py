@@ -1,4 +1,4 @@
-"""OBoW against specs/methods.md §2(e), the order of operations in one step (§2(a)), bit-identical
+"""OBoW against the official code's maths (docs/methods/obow.md), the order of operations in one step, bit-identical
 resume of the teacher / queues / vocabularies, the official recipe, and TensorBoard output."""
 
 import math
@@ -23,7 +23,7 @@ TINY = ["data=digits", "image_size=32", "data.batch_size=8", "data.num_workers=0
         "method.views.patch_image_size=48", "method.views.patch_size=16", "method.views.patch_jitter=6"]
 
 
-# ---- §2(e) 1-2: targets ------------------------------------------------------------------------
+# ---- targets: distributions over words; one-hot codes give a uniform bag -----------------------
 def test_targets_are_distributions_over_words():
     torch.manual_seed(0)
     fmap, words = torch.randn(4, 16, 7, 7), torch.randn(32, 16).clamp(min=0)
@@ -57,7 +57,7 @@ def test_sharp_codes_give_uniform_bow_over_distinct_nearest_words():
     assert torch.allclose(bow, expected, atol=1e-6)
 
 
-# ---- §2(e) 3: the loss ----------------------------------------------------------------------
+# ---- the loss: KL = soft-target cross-entropy minus target entropy --------------------------
 def test_kl_is_soft_cross_entropy_minus_target_entropy_and_nonnegative():
     torch.manual_seed(0)
     targets = bag_of_words(torch.rand(6, 50, 3, 3).pow(4))
@@ -89,7 +89,7 @@ def test_loss_sums_groups_and_averages_levels_with_image_major_targets():
     assert torch.equal(repeat_per_crop(torch.arange(3)[:, None], 2).flatten(), torch.tensor([0, 0, 1, 1, 2, 2]))
 
 
-# ---- §2(e) 4: the queue ---------------------------------------------------------------------
+# ---- the queue: every word overwritten once per K / global batch steps ----------------------
 def test_queue_overwrites_every_word_once_per_cycle_and_needs_a_divisor():
     vocab = Vocabulary(num_words=12, channels=3, inv_delta=10.0)
     assert (vocab.words >= 0).all() and vocab.scale.item() == 0.5 and vocab.pointer.item() == 0
@@ -120,7 +120,7 @@ def test_running_scale_includes_the_current_batch_before_coding():
     assert torch.allclose(vocab.scale, expected_scale)  # no update outside training
 
 
-# ---- §2(e) 5: the teacher -------------------------------------------------------------------
+# ---- the teacher: theta_t <- alpha theta_t + (1 - alpha) theta_s ----------------------------
 def test_teacher_ema_is_exact_and_starts_as_a_no_op():
     torch.manual_seed(0)
     student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
@@ -139,7 +139,7 @@ def test_teacher_ema_is_exact_and_starts_as_a_no_op():
     assert all(torch.equal(before[k], v) for k, v in model.teacher.state_dict().items())
 
 
-# ---- §2(e) 6: the generated head ------------------------------------------------------------
+# ---- the generated head: unit rows, |logits| <= kappa ||f|| ---------------------------------
 def test_generated_weights_have_unit_rows_and_bound_the_logits():
     torch.manual_seed(0)
     gen = WeightGenerator(16, 32)
@@ -150,7 +150,7 @@ def test_generated_weights_have_unit_rows_and_bound_the_logits():
     assert (z.abs() <= 5.0 * f.norm(dim=1, keepdim=True) + 1e-4).all()
 
 
-# ---- §2(a): the order of operations inside one step -----------------------------------------
+# ---- the order of operations inside one step (docs/methods/obow.md, steps 2-8) --------------
 def test_one_step_follows_the_spec_order():
     torch.manual_seed(0)
     cfg = compose("obow", "resnet_tiny", TINY)

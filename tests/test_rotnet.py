@@ -1,4 +1,4 @@
-"""RotNet against specs/methods.md section 1(e)."""
+"""RotNet against the paper's definition: all 4 rotations per image, label k = rot90 by k, mean CE (ln 4 untrained)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""SiT v1's pure parts against specs/methods.md §3(b) and the testable properties §3(e): rotations,
+"""SiT v1's pure parts against the July 2021 code's formulas (docs/methods/sit.md) and their properties: rotations,
 the uncertainty weighting, NT-Xent, the reconstruction head and loss, and the batched corruptions."""
 
 import math
@@ -23,7 +23,7 @@ def test_rotation_labels_follow_v1_clockwise_convention():
     assert rotate_v1(x, one)[0, 0, 0, -1] == x[0, 0, 0, 0] and rotate_v1(x, one)[0, 0, 0, 0] == x[0, 0, -1, 0]
     # label 3 is 90 degrees counter-clockwise: the top-right pixel goes to the top-left
     assert rotate_v1(x, 3 * one)[0, 0, 0, 0] == x[0, 0, 0, -1]
-    for label, k in [(0, 0), (1, 3), (2, 2), (3, 1)]:  # the spec's numbers: label 1 = rot90(x, 3, (1, 2)) on CHW
+    for label, k in [(0, 0), (1, 3), (2, 2), (3, 1)]:  # v1's labels: label 1 = rot90(x, 3, (1, 2)) on CHW
         assert torch.equal(rotate_v1(x, label * one)[0], torch.rot90(x[0], k, (1, 2)))
     assert torch.equal(rotate_v1(rotate_v1(x, one), 3 * one), x)
 
@@ -79,7 +79,7 @@ def test_uncertainty_factors_at_initialisation_and_the_combined_loss():
 
 
 def reference_nt_xent(z1, z2, tau):
-    """The spec's words, one anchor at a time (float64)."""
+    """NT-Xent as defined: -log(exp(s_ip / τ) / Σ_{j≠i} exp(s_ij / τ)) per anchor, averaged (float64)."""
     z = torch.nn.functional.normalize(torch.cat([z1, z2]).double(), dim=1)
     n, b = len(z), len(z1)
     total = 0.0

@@ -1,4 +1,4 @@
-"""SparK's parts: masks, the sparse encoder's two backends, densify + decoder, loss (spec 4(e))."""
+"""SparK's parts: masks, the sparse encoder's two backends, densify + decoder, loss (docs/methods/spark.md)."""
 
 from __future__ import annotations
 
@@ -317,7 +317,7 @@ def test_patchify_order_is_row_column_channel_and_unpatchify_inverts_it():
 
 
 def _spec_loss(pred, target, active, patch):
-    """Spec 4(b), patch by patch."""
+    """Mean over masked patches of mean((pred - (y - mean y) / sqrt(var y + 1e-6))^2), patch by patch."""
     b, _, h, w = target.shape
     total, count = 0.0, 0
     for i in range(b):

@@ -1,4 +1,4 @@
-"""TOV-VICReg: the loss terms against specs/methods.md §5(b) and the testable properties §5(e),
+"""TOV-VICReg: the loss terms against their formulas (written out in `reference_loss`) and properties,
 the method's shapes and gradients, and a short end-to-end run: real Atari play -> shards -> pretrain
 (TensorBoard events) -> AtariARI-style RAM probe of the run, its random init and raw pixels."""
 
@@ -23,7 +23,7 @@ from selfsup.ssl.tov_vicreg.loss import (
 
 
 def reference_loss(p_x, p_y, logits, labels, sim, std, cov, temporal):
-    """§5(b) written out term by term with Python loops (float64)."""
+    """L = sim I + std V + cov C + temporal T (docs/methods/tov_vicreg.md), term by term with Python loops (float64)."""
     p_x, p_y = p_x.double(), p_y.double()
     b, d = p_x.shape
     inv = sum(((p_x[i, j] - p_y[i, j]) ** 2).item() for i in range(b) for j in range(d)) / (b * d)

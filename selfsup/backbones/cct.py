@@ -1,4 +1,4 @@
-"""Compact Convolutional Transformer (CCT; Hassani et al. 2021) as ConTraCon uses it (specs §6(a)).
+"""Compact Convolutional Transformer (CCT; Hassani et al. 2021) as ConTraCon uses it (docs/methods/contracon.md).
 
 A convolutional tokenizer (n x [conv k x k, stride 1, bias-free -> ReLU -> MaxPool(3, 2, 1)]), a fixed
 sinusoidal position embedding, encoder layers `x += DropPath(Attn(LN_pre(x))); x = LN_1(x);

@@ -44,7 +44,7 @@ def selfsup_resnet_tiny(pretrained: bool = False, **kwargs):
 
 class ConvNet4(nn.Module):
     """Four conv3x3-BN-ReLU-maxpool blocks and global average pooling: the plain CPU convnet of the
-    calibration runs (DESIGN.md). Its stages are exposed like a timm model's (`feature_info`,
+    calibration runs (docs/evaluation.md). Its stages are exposed like a timm model's (`feature_info`,
     `forward_intermediates`) so it has the registry's face."""
 
     def __init__(self, in_chans: int = 3, widths=(32, 64, 128, 256), num_classes: int = 0, **_):

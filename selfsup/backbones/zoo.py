@@ -2,7 +2,7 @@
 
 ResNets are built with `zero_init_last=False`: timm's default zero-initialises the last norm of
 every residual block, which makes a randomly initialised network's features nearly useless and a
-random-init baseline unfair (DESIGN.md, calibration). Pass `zero_init_last=True` to get timm's.
+random-init baseline unfair (docs/evaluation.md, "Baselines"). Pass `zero_init_last=True` to get timm's.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Continual learning on the backbone registry: ConTraCon (specs §6).
+"""Continual learning on the backbone registry: ConTraCon (docs/methods/contracon.md).
 
 - reweight.py   the per-head convolutional re-weighting of attention Q/K/V weights (pure + module)
 - model.py      a registry transformer (CCT or timm ViT) with per-task states (kernels, gates, norms, pool, head)

@@ -1,4 +1,4 @@
-"""A registry transformer learning tasks one after another, ConTraCon-style (specs §6(a)).
+"""A registry transformer learning tasks one after another, ConTraCon-style (docs/methods/contracon.md).
 
 Task 0 trains the whole backbone (plus its own sequence pool and classifier); the backbone is then
 frozen for good. Every later task t owns a `TaskState`: for each attention layer a per-head

@@ -1,4 +1,4 @@
-"""ConTraCon's re-weighting of an attention projection (specs §6(a), step 2).
+"""ConTraCon's re-weighting of an attention projection (Roy et al., ICCV 2023; docs/methods/contracon.md).
 
 A projection weight `W0 in [D_out, D_in]` (out x in) is seen per head as `[H, D_out/H, D_in]`: head h
 owns output rows h*d .. (h+1)*d-1. Each head gets one 1->1 channel k x k convolution (with bias) over

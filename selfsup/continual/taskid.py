@@ -1,6 +1,6 @@
 """Task identification at inference (class-incremental mode).
 
-`entropy` (ConTraCon, specs §6(a)): for each test image, 16 inputs (6 clean copies + 10
+`entropy` (ConTraCon's, as in CVIR/contracon): for each test image, 16 inputs (6 clean copies + 10
 AutoAugment-CIFAR10 views); every learned task's network classifies all 16 in one batched pass; the
 logits are averaged over the 16, softmaxed, and the task with the lowest entropy
 `H = -sum p log(p + 1e-4)` wins (ties: the lowest task index).

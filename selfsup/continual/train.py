@@ -1,7 +1,7 @@
 """The continual job: tasks in order in one process; after each task its state is checkpointed
 (atomically) together with the metrics so far; a rerun resumes at the first task not finished.
 
-Per task, a Lightning fit with manual optimisation (two optimisers, specs §6(c)): AdamW with cosine
+Per task, a Lightning fit with manual optimisation (two optimisers, as in ConTraCon's code): AdamW with cosine
 warm restarts (stepped per epoch) for every trainable tensor but the classifier, plain constant-LR SGD
 for the classifier; label-smoothing cross-entropy over the task's own classes. The task's weights at
 its best validation check (a split carved from its train split) are kept.

@@ -5,7 +5,7 @@ reference (chunk, t) per stack start it owns) -> shuffle buffer of references ->
 o_t, o_{t-3}, o_{t+3} with the starts clamped to the episode's valid starts, then augment). A chunk
 carries its episode's context frames, so no sample ever reads a frame of another episode.
 
-Views (specs/methods.md §5(a)), torchvision.transforms.v2 on the uint8 [3, 84, 84] stacks whose
+Views (the official code's; docs/methods/tov_vicreg.md), torchvision.transforms.v2 on the uint8 [3, 84, 84] stacks whose
 channels are the 3 frames (so colour transforms act across time, as in the original):
 - A1 (x = o_t): RandomResizedCrop(84, scale 0.08-1), flip, ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8,
   RandomGrayscale p=0.2, GaussianBlur(7, sigma 0.1-0.2) p=1.0, then [0, 1] floats (no normalisation);

@@ -355,7 +355,7 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 def two_views(image_size: int, mean: Sequence[float], std: Sequence[float], scale=(0.08, 1.0),
               color_jitter: float = 0.4, interpolation: str = "bicubic") -> View:
     """Two independent draws of timm's training transform without AutoAugment, random erasing or
-    mixup (SiT's views, specs §3(a) step 3): RandomResizedCrop, horizontal flip, ColorJitter with
+    mixup (SiT v1's views, docs/methods/sit.md): RandomResizedCrop, horizontal flip, ColorJitter with
     brightness = contrast = saturation = `color_jitter` (applied always, no hue), normalised."""
     if interpolation not in INTERPOLATIONS:
         from selfsup.errors import unknown_choice
@@ -402,7 +402,7 @@ def multi_crop_view(mean: Sequence[float], std: Sequence[float], *, teacher_size
                     num_crops: int, crop_size: int, crop_scale=(0.08, 0.6), num_patches: int = 5,
                     patch_image_size: int = 256, patch_size: int = 96, patch_jitter: int = 24,
                     patch_scale=(0.6, 1.0), blur_p: float = 0.5, gpu_augment: bool = False) -> View:
-    """OBoW's views (specs §2(a) step 1): `image` the teacher's view (resize, centre crop, flip; no colour
+    """OBoW's views (docs/methods/obow.md, step 1): `image` the teacher's view (resize, centre crop, flip; no colour
     augmentation), `crops` [num_crops, C, crop_size, crop_size] (random resized crops with colour jitter,
     grayscale, blur, flip), `patches` [num_patches, C, patch_size, patch_size] (a random resized crop
     with colour jitter / grayscale / flip, normalised, then cut into a jittered 3x3 grid of which

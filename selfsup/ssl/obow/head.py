@@ -1,5 +1,5 @@
 """OBoW's dynamic BoW prediction head: a weight generator turns the current vocabulary into the
-classifier weights of the student's bag-of-words prediction (specs §2(a) step 7)."""
+classifier weights of the student's bag-of-words prediction (docs/methods/obow.md, step 7)."""
 
 from __future__ import annotations
 

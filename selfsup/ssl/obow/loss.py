@@ -1,4 +1,4 @@
-"""OBoW's maths as pure functions (specs/methods.md §2(a) steps 4-8, §2(b)).
+"""OBoW's maths as pure functions (docs/methods/obow.md, steps 4-8 and the loss).
 
 Teacher side: squared L2 distances of every feature-map location to every visual word, soft codes
 `softmax(-(inv_delta / mu) d)`, max-pooled over locations and L1-normalised into a bag of words.

@@ -2,7 +2,7 @@
 bag of visual words per level (vocabularies filled online from the teacher's own feature maps); the
 student predicts those bags from small crops through a head generated from the vocabulary.
 
-One step, in the order of specs/methods.md §2(a):
+One step, in the order (and with the step numbers) of docs/methods/obow.md:
   2. snapshot the vocabularies (the student predicts against the words *before* this step's enqueue)
   3. student forward on each crop group (pooled final features, not normalised)
   4. teacher EMA update with α(step) (parameters only), before the targets are computed

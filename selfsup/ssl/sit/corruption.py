@@ -1,4 +1,4 @@
-"""SiT v1's rotations and image corruptions (specs/methods.md §3(a) steps 3-4), on whole batches.
+"""SiT v1's rotations and image corruptions (docs/methods/sit.md), on whole batches.
 
 v1 corrupts one image at a time in a Python loop on the GPU. Here every step draws its random
 numbers for the whole batch at once and paints with masks:

@@ -1,5 +1,5 @@
 """SiT's two task tokens on a registry ViT, its token heads and the reconstruction head
-(specs/methods.md §3(a) steps 1-2).
+(SiT v1; docs/methods/sit.md).
 
 The backbone stays timm's plain ViT. SiT's two tokens are timm's `cls_token` (with its entry of
 `pos_embed`) and one extra token owned by the method, prepended in front of the CLS token. Which SiT

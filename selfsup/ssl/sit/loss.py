@@ -1,4 +1,4 @@
-"""SiT v1's three losses and their learned uncertainty weighting (specs/methods.md §3(b)), as pure
+"""SiT v1's three losses and their learned uncertainty weighting (docs/methods/sit.md), as pure
 functions. Every term is computed in float32: under bf16 autocast a 2B x 2B cosine-similarity
 matrix divided by τ = 0.5 and a mean over millions of pixel differences lose digits that matter.
 """

@@ -1,6 +1,6 @@
 """SiT v1 (Atito, Awais, Kittler, arXiv 2104.03602, code of July 2021) as a Lightning method.
 
-One step, in the order of specs/methods.md §3(a):
+One step, in the order of v1's code (Sara-Ahmed/SiT, July 2021; docs/methods/sit.md):
   3. two augmented views per image (the data layer), each rotated by its own random k (v1 labels)
   4. a corrupted copy of each rotated view; the clean rotated views are the reconstruction targets
   5. both corrupted views through the one ViT (no teacher), with the rotation and contrastive tokens

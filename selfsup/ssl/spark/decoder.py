@@ -1,4 +1,4 @@
-"""SparK's densify layers and light UNet decoder (spec 4(a) steps 5-6).
+"""SparK's densify layers and light UNet decoder (docs/methods/spark.md, steps 3-4).
 
 `Densify` turns the encoder's sparse stage outputs into dense decoder inputs (smallest map first);
 `LightDecoder` upsamples them back to the input resolution. With a total stride s = 2^n the decoder
@@ -20,7 +20,7 @@ NORMS = ("bn", "ln")
 
 
 def densify_norm_for(backbone: nn.Module) -> str:
-    """The spec's densify norm of a backbone: channels-first LayerNorm for ConvNeXts, BN otherwise."""
+    """The official code's densify norm of a backbone: channels-first LayerNorm for ConvNeXts, BN otherwise."""
     from timm.models.convnext import ConvNeXt
 
     return "ln" if isinstance(getattr(backbone, "net", backbone), ConvNeXt) else "bn"
@@ -134,7 +134,7 @@ class LightDecoder(nn.Module):
         return self.head(x)
 
     def reset_parameters(self) -> None:
-        """The spec's init: convs trunc-normal(0.02) with zero bias, transposed convs Kaiming-normal
+        """The official code's init: convs trunc-normal(0.02) with zero bias, transposed convs Kaiming-normal
         fan-out, norms weight 1 and bias 0."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):

@@ -1,4 +1,4 @@
-"""SparK's reconstruction loss (spec 4(b)) and the inverse mapping for looking at reconstructions.
+"""SparK's reconstruction loss (docs/methods/spark.md) and the inverse mapping for looking at reconstructions.
 
 Images are cut into `patch x patch` patches, one per cell of the mask grid (patch = the encoder's
 total stride), flattened in (row, column, channel) order. The target patch is normalised by its own

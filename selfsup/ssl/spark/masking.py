@@ -1,4 +1,4 @@
-"""SparK's random masks on the encoder's total-stride grid (spec 4(a) steps 2-3).
+"""SparK's random masks on the encoder's total-stride grid (docs/methods/spark.md, step 1).
 
 A mask is a bool tensor `active [B, 1, h, w]`, True where a cell is visible. One cell of the grid
 covers `total_stride x total_stride` pixels; every feature map of the encoder sees the same cells,

@@ -1,5 +1,5 @@
-"""SparK's sparse encoder over an unmodified registry convnet (spec 4(a) step 4, DESIGN "SparK's
-sparse encoder").
+"""SparK's sparse encoder over an unmodified registry convnet (docs/methods/spark.md,
+step 2).
 
 `SparseEncoder(backbone, backend)` runs the backbone's own modules (the same parameters and buffers,
 so `backbone.net.state_dict()` is what gets exported) in a custom traversal of timm's ResNet and
@@ -661,7 +661,7 @@ class SparseEncoder(nn.Module):
 
     backend: "sparse" (visible sites only) or "masked" (the paper's dense simulation).
     conv_engine, for the sparse backend's ordinary convolutions: "gather" (torch: one gather and
-    one GEMM per conv, any device; the faster one where measured, benchmarks/RESULTS_spark.md) or
+    one GEMM per conv, any device; the faster one where measured, docs/results/spark.md) or
     "spconv" (spconv's kernels; where spconv cannot run on the device, one warning and "gather").
     """
 

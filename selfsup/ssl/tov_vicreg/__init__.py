@@ -1,2 +1,2 @@
 """TOV-VICReg (Goulão & Oliveira, 2022): VICReg on two views of o_t plus temporal order
-verification on (current, previous, next) representations. specs/methods.md §5."""
+verification on (current, previous, next) representations. docs/methods/tov_vicreg.md."""

@@ -1,4 +1,4 @@
-"""TOV-VICReg's loss terms as pure functions (specs/methods.md §5(b)), always computed in float32
+"""TOV-VICReg's loss terms as pure functions (docs/methods/tov_vicreg.md), always computed in float32
 (under AMP the 1024x1024 covariance would otherwise be half precision)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""TOV-VICReg as a Lightning method (specs/methods.md §5(a)).
+"""TOV-VICReg as a Lightning method (docs/methods/tov_vicreg.md).
 
 Per step: the backbone encodes x = A1(o_t), y = A2(o_t), z = A3(o_{t-3}), w = A3(o_{t+3}) into pooled
 representations (a ViT's final-LayerNorm CLS token); the expander projects r_x and r_y for VICReg;
