@@ -19,13 +19,29 @@ from selfsup.eval.probe import run_probe
 CALIBRATED_PROBE = "probe.max_iter=150"
 
 
-def pretrain_and_probe(tmp_path, method: str, backbone: str, overrides: list[str], probe_args: list[str]) -> dict:
+@pytest.fixture(scope="session")
+def baseline_probe():
+    """The baselines (raw pixels, a backbone at random init) are probed once per run of the suite and
+    shared by every learning test that asks for the same probe."""
+    results: dict[tuple[str, tuple[str, ...]], dict] = {}
+
+    def probe(target: str, probe_args: list[str]) -> dict:
+        key = (target, tuple(probe_args))
+        if key not in results:
+            results[key] = run_probe(target, list(probe_args))
+        return results[key]
+
+    return probe
+
+
+def pretrain_and_probe(tmp_path, baseline_probe, method: str, backbone: str, overrides: list[str],
+                       probe_args: list[str]) -> dict:
     """Linear-probe top-1 of the pretrained run, the same backbone at random init, and raw pixels."""
     run_submit("pretrain", method, backbone, *overrides, "trainer.enable_progress_bar=false",
                f"run_dir={tmp_path}", "run_name=r", timeout=1800, check=True)
     pretrained = run_probe(str(tmp_path / "r"), probe_args)
-    random_init = run_probe(f"random:{backbone}", probe_args)
-    pixels = run_probe("pixels", probe_args)
+    random_init = baseline_probe(f"random:{backbone}", probe_args)
+    pixels = baseline_probe("pixels", probe_args)
     top1 = {"pretrained": pretrained["linear"]["top1"], "random": random_init["linear"]["top1"],
             "pixels": pixels["linear"]["top1"], "samples": (pretrained["train_samples"], pretrained["test_samples"])}
     print(f"{method} {backbone}: " + "  ".join(f"{k} {v:.2f}" for k, v in top1.items() if k != "samples"))
@@ -37,7 +53,7 @@ ROTNET_MARGIN = 0.5  # 2.6 sd under the five seeds' mean margin
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
-def test_rotnet_beats_random_init_and_pixels(tmp_path):
+def test_rotnet_beats_random_init_and_pixels(tmp_path, baseline_probe):
     """300 RotNet steps of the plain convnet4. Seeds 0-4: 85.28 / 85.10 / 84.60 / 84.89 / 84.58 against
     pixels 83.60 and random init 83.51 (this probe on a CPU without bf16; a bf16 machine's rounding gave
     83.49 and 82.86), margins +0.98 to +1.68 (mean +1.29, sd 0.31); 600 steps gave no more (mean 84.96),
@@ -45,7 +61,7 @@ def test_rotnet_beats_random_init_and_pixels(tmp_path):
     train = builtin_shards("fashion_mnist", "train")
     probe_args = ["data=fashion_mnist", f"data.train={train}/train-{{000000..000001}}.tar", CALIBRATED_PROBE]
     # fp32: the margin was calibrated in fp32
-    top1 = pretrain_and_probe(tmp_path, "rotnet", "convnet4", ["trainer.max_steps=300", "trainer.precision=32-true"], probe_args)
+    top1 = pretrain_and_probe(tmp_path, baseline_probe, "rotnet", "convnet4", ["trainer.max_steps=300", "trainer.precision=32-true"], probe_args)
     assert top1["samples"] == (10000, 10000)
     assert top1["pretrained"] >= max(top1["random"], top1["pixels"]) + ROTNET_MARGIN
 
@@ -64,12 +80,12 @@ SPARK_MARGIN_OVER_RANDOM = 3.0
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
-def test_spark_beats_random_init_and_pixels(tmp_path):
+def test_spark_beats_random_init_and_pixels(tmp_path, baseline_probe):
     """SPARK_STEPS steps of the resnet18_s1 CPU recipe (cosine over 300). A probe fitted on 5,000 images
     favours raw pixels over the 512-d features, so it is fitted on 10,000."""
     train = builtin_shards("fashion_mnist", "train")
     probe_args = ["data=fashion_mnist", f"data.train={train}/train-{{000000..000001}}.tar", CALIBRATED_PROBE]
-    top1 = pretrain_and_probe(tmp_path, "spark", "resnet18_s1", ["data=fashion_mnist", f"trainer.max_steps={SPARK_STEPS}"], probe_args)
+    top1 = pretrain_and_probe(tmp_path, baseline_probe, "spark", "resnet18_s1", ["data=fashion_mnist", f"trainer.max_steps={SPARK_STEPS}"], probe_args)
     assert top1["samples"] == (10000, 10000)
     assert top1["pretrained"] >= top1["pixels"] + SPARK_MARGIN_OVER_PIXELS
     assert top1["pretrained"] >= top1["random"] + SPARK_MARGIN_OVER_RANDOM
