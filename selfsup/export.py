@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfsup.errors import UserError, unknown_choice
+from selfsup.core.errors import UserError, unknown_choice
 
 FORMATS = ("timm", "torchvision")
 BACKBONE_PREFIX = "backbone.net."

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from selfsup.errors import UserError, unknown_choice
+from selfsup.core.errors import UserError, unknown_choice
 from selfsup.launch.config import _load, config_root, parse_overrides, select_data, set_key
 
 METHODS = {"contracon": "exemplar-free continual transformer: per-head convolutional re-weighting of Q/K/V per task"}

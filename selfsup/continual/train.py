@@ -26,7 +26,7 @@ from selfsup.continual import metrics as M
 from selfsup.continual.data import ArrayDataset, TaskArrays, TaskStream, normalise, train_transform
 from selfsup.continual.model import ContinualTransformer
 from selfsup.continual.taskid import class_gaussian, classify_all_tasks, mahalanobis_distance, make_views
-from selfsup.errors import UserError, unknown_choice
+from selfsup.core.errors import UserError, unknown_choice
 from selfsup.launch.checkpointing import save_atomic
 
 CHECKPOINT = "continual.pt"

@@ -358,7 +358,7 @@ def two_views(image_size: int, mean: Sequence[float], std: Sequence[float], scal
     mixup (SiT's views, specs §3(a) step 3): RandomResizedCrop, horizontal flip, ColorJitter with
     brightness = contrast = saturation = `color_jitter` (applied always, no hue), normalised."""
     if interpolation not in INTERPOLATIONS:
-        from selfsup.errors import unknown_choice
+        from selfsup.core.errors import unknown_choice
 
         raise unknown_choice("interpolation", interpolation, INTERPOLATIONS)
     geometry = v2.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=v2.InterpolationMode(interpolation),

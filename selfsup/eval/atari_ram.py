@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from selfsup.errors import UserError
+from selfsup.core.errors import UserError
 
 ATARI_DATA = ("atari", "atari_ram")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from selfsup.errors import UserError
+from selfsup.core.errors import UserError
 
 
 def extract_features(backbone, loader, device: str | torch.device = "cpu", desc: str = "features"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from selfsup.errors import UserError
+from selfsup.core.errors import UserError
 
 
 def new_run_dir(cfg) -> Path:

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from selfsup.errors import UserError, closest, unknown_choice
+from selfsup.core.errors import UserError, closest, unknown_choice
 
 GROUPS = ("data", "cluster", "strategy")  # `group=name` selects configs/<group>/<name>.yaml
 OPEN_SECTIONS = ("backbone.kwargs.",)  # free-form: passed through to a constructor

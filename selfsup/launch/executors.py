@@ -66,7 +66,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from selfsup.errors import UserError, closest
+from selfsup.core.errors import UserError, closest
 
 JOBS_FILE = "jobs.json"
 SLURM_SUBDIR = "slurm"
