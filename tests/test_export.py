@@ -23,7 +23,6 @@ from selfsup.backbones import backbone_names, create_backbone
 from selfsup.core.errors import UserError
 
 CONVNET_INPUT_PX = 64  # small inputs keep the big convnets fast; weights do not depend on input size
-HEAD_KEYS = ("head.weight", "head.bias")
 
 
 def selfsup_metadata(backbone, method="testmethod", config_hash="cafe1234", backbone_kwargs=None) -> dict:

@@ -369,10 +369,6 @@ def two_views(image_size: int, mean: Sequence[float], std: Sequence[float], scal
     return View({"view1": branch, "view2": branch}, mean, std)
 
 
-def colour_augment(p_jitter: float = 0.8, p_gray: float = 0.2) -> list:
-    return [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=p_jitter), v2.RandomGrayscale(p_gray)]
-
-
 def patch_grid(image: torch.Tensor, patch_size: int, jitter: int, keep: int, grid: int = 3) -> torch.Tensor:
     """Cut a grid x grid lattice of `patch_size` patches from `image` [C, S, S], each shifted by a
     random U{0..jitter} in x and y, and keep `keep` of them at random -> [keep, C, p, p]. The lattice
