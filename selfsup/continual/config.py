@@ -8,8 +8,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from selfsup.core.config_files import config_root, load_config, select_data
 from selfsup.core.errors import UserError, unknown_choice
-from selfsup.launch.config import _load, config_root, parse_overrides, select_data, set_key
+from selfsup.core.overrides import parse_overrides, set_key
 
 METHODS = {"contracon": "exemplar-free continual transformer: per-head convolutional re-weighting of Q/K/V per task"}
 ALIASES = {
@@ -36,7 +37,7 @@ def _pairs(overrides: list[str]) -> list[tuple[str, str]]:
 
 def _select_data(cfg: DictConfig, value: str) -> DictConfig:
     if value in continual_data_names():
-        return OmegaConf.merge(cfg, _load(config_root() / "continual" / "data" / f"{value}.yaml"))
+        return OmegaConf.merge(cfg, load_config(config_root() / "continual" / "data" / f"{value}.yaml"))
     try:
         return select_data(cfg, value)
     except UserError:
@@ -55,7 +56,7 @@ def compose(method: str, backbone: str, overrides: list[str], base: DictConfig |
                         f"not {backbone} (a {spec.family})")
     pairs = _pairs(overrides)
     if base is None:
-        cfg = _load(config_root() / "continual" / f"{method}.yaml")
+        cfg = load_config(config_root() / "continual" / f"{method}.yaml")
         per_backbone = cfg.pop("backbones", None) or {}
         cfg.backbone.name = backbone
         data = dict(pairs).get("data", "split_fashion_mnist")

@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from selfsup.core.errors import UserError
-
-
-def new_run_dir(cfg) -> Path:
-    name = cfg.run_name or f"{cfg.method.name}-{cfg.backbone.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(cfg.run_dir) / name
-
-
-def load_run_config(folder: str):
-    path = Path(folder) / "config.yaml"
-    if not path.exists():
-        raise UserError(f"resume={folder!r} is not a run folder (no config.yaml in it)")
-    return OmegaConf.load(path)
+from selfsup.core.run_folder import load_run_config, new_run_dir, write_run_config
 
 
 def resolve_pretrain(method: str, backbone: str, overrides: list[str]):
@@ -29,7 +17,7 @@ def resolve_pretrain(method: str, backbone: str, overrides: list[str]):
 
     resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
     if resume:
-        base = load_run_config(resume)
+        base = load_run_config(resume, name=f"resume={resume!r}")
         if (base.method.name, base.backbone.name) != (method, backbone):
             raise UserError(f"resume={resume!r} is a {base.method.name} {base.backbone.name} run, not {method} {backbone}")
         cfg = compose(method, backbone, [o for o in overrides if not o.startswith("resume=")], base=base)
@@ -52,7 +40,7 @@ def _launched_rank_run_dir() -> Path | None:
 
 
 def pretrain(args) -> int:
-    from selfsup.launch.config import to_yaml
+    from selfsup.core.config_hash import to_yaml
     from selfsup.launch.executors import prepare_cluster
 
     launched = _launched_rank_run_dir()
@@ -76,13 +64,12 @@ def pretrain(args) -> int:
             print("# ---- the sbatch script submitit would submit (not submitted: --dry-run) ----")
             print(sbatch_script(cfg, run_dir), end="")
         return 0
-    from selfsup.launch.config import parse_overrides, uses_demo_data
+    from selfsup.core.overrides import parse_overrides, uses_demo_data
 
     if uses_demo_data(parse_overrides(args.overrides)) and not cfg.resume:
         print(f"selfsup: no data given: pretraining on the built-in demo data {cfg.data.name!r} "
               f"(pass data=<shards> for your own)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    write_run_config(run_dir, cfg)
     if on_slurm:
         return _submit_to_slurm(cfg, run_dir)
     print(f"selfsup: run folder {run_dir}  (tensorboard --logdir {run_dir / 'tb'})", flush=True)
@@ -119,15 +106,14 @@ def probe(args) -> int:
 
 def continual(args) -> int:
     from selfsup.continual.config import resolve
-    from selfsup.launch.config import to_yaml
+    from selfsup.core.config_hash import to_yaml
 
     cfg, run_dir, resumed = resolve(args.method, args.backbone, args.overrides)
     if args.dry_run:
         print(f"# run folder: {run_dir}" + (" (resumed)" if resumed else ""))
         print(to_yaml(cfg), end="")
         return 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    write_run_config(run_dir, cfg)
     print(f"selfsup: run folder {run_dir}  (tensorboard --logdir {run_dir / 'tb'})", flush=True)
     from selfsup.continual.train import run_continual
 

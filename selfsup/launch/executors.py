@@ -66,7 +66,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from selfsup.core.atomic import write_text_atomic
+from selfsup.core.config_hash import to_yaml
 from selfsup.core.errors import UserError, closest
+from selfsup.core.overrides import coerce_value, parse_overrides
 
 JOBS_FILE = "jobs.json"
 SLURM_SUBDIR = "slurm"
@@ -106,15 +109,11 @@ def load_profile(name: str) -> dict:
 
 
 def _user_cluster_keys(overrides: list[str]) -> set[str]:
-    from selfsup.launch.config import parse_overrides
-
     return {k.split(".", 1)[1] for k, _ in parse_overrides(overrides) if k.startswith("cluster.")}
 
 
 def apply_profile(cfg: DictConfig, overrides: list[str]) -> None:
     """Profile values for every cluster key that the command line did not set."""
-    from selfsup.launch.config import _coerce
-
     profile = load_profile(cfg.cluster.profile)
     user = _user_cluster_keys(overrides)
     for key, value in profile.items():
@@ -124,7 +123,7 @@ def apply_profile(cfg: DictConfig, overrides: list[str]) -> None:
             hint = f": did you mean {near[0]!r}?" if near else ""
             raise UserError(f"Slurm profile {cfg.cluster.profile!r}: unknown key {key!r}{hint}")
         if key not in user:
-            cfg.cluster[key] = _coerce(f"cluster.{key}", cfg.cluster[key], value)
+            cfg.cluster[key] = coerce_value(f"cluster.{key}", cfg.cluster[key], value)
 
 
 def tasks_per_node(cluster: DictConfig) -> int:
@@ -294,8 +293,6 @@ def _submitit_signal() -> int:
 
 def submit_slurm(cfg: DictConfig, run_dir: Path) -> dict:
     """Submit the run as a Slurm job; record it in <run>/slurm/jobs.json. Returns the record."""
-    from selfsup.launch.config import to_yaml
-
     if not slurm_answers():
         raise UserError("cluster=slurm: no Slurm controller answers `scontrol ping` (is SLURM_CONF set? "
                         "for a local test cluster: bash slurm/local-cluster.sh start)")
@@ -319,10 +316,7 @@ def submit_slurm(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def read_jobs(run_dir: str | Path) -> list[dict]:
