@@ -6,7 +6,7 @@ removed after, and `resolve_last` falls back to it if a kill came between the tw
 Next to it, `last.json` (step, epoch, time) lets `submit status` and the resume seeding read where
 a run stands without loading the checkpoint.
 
-`RequeueOnSignal` is the Lightning half of Slurm preemption (the design is in executors.py)."""
+`RequeueOnSignal` is the Lightning half of Slurm preemption (the design is in slurm_job.py)."""
 
 from __future__ import annotations
 

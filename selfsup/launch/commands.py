@@ -41,7 +41,7 @@ def _launched_rank_run_dir() -> Path | None:
 
 def pretrain(args) -> int:
     from selfsup.core.config_hash import to_yaml
-    from selfsup.launch.executors import prepare_cluster
+    from selfsup.launch.cluster import prepare_cluster
 
     launched = _launched_rank_run_dir()
     if launched is not None:  # a rank > 0 of a local multi-device run
@@ -59,7 +59,7 @@ def pretrain(args) -> int:
         print(f"# run folder: {run_dir}")
         print(to_yaml(cfg), end="")
         if on_slurm:
-            from selfsup.launch.executors import sbatch_script
+            from selfsup.launch.sbatch import sbatch_script
 
             print("# ---- the sbatch script submitit would submit (not submitted: --dry-run) ----")
             print(sbatch_script(cfg, run_dir), end="")
@@ -83,7 +83,7 @@ def pretrain(args) -> int:
 
 
 def _submit_to_slurm(cfg, run_dir: Path) -> int:
-    from selfsup.launch.executors import submit_slurm
+    from selfsup.launch.slurm_job import submit_slurm
 
     job = submit_slurm(cfg, run_dir)
     shape = f"{job['nodes']} node(s) x {job['tasks_per_node']} task(s)" + (
@@ -176,7 +176,7 @@ def methods(args) -> int:
 
 
 def status(args) -> int:
-    from selfsup.launch.executors import run_status, runs_table
+    from selfsup.launch.run_records import run_status, runs_table
 
     if args.run:
         print(run_status(Path(args.run)))
@@ -186,7 +186,7 @@ def status(args) -> int:
 
 
 def logs(args) -> int:
-    from selfsup.launch.executors import print_logs
+    from selfsup.launch.run_records import print_logs
 
     if not (Path(args.run) / "config.yaml").exists():
         raise UserError(f"{args.run!r} is not a run folder (no config.yaml in it)")

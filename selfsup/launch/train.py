@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 def cluster_plugins() -> list:
     """Inside a Slurm allocation: Lightning's SLURMEnvironment for the ranks, with its own
-    auto-requeue off (submitit owns USR2 and the requeue: selfsup/launch/executors.py)."""
+    auto-requeue off (submitit owns USR2 and the requeue: selfsup/launch/slurm_job.py)."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
