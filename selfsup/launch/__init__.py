@@ -2,6 +2,7 @@
 
 - cli.py, commands.py   the command line and its sub-commands
 - config.py             composition of a pretraining config (needs the backbone and method registries)
+- run_config.py         the config and folder of a new or resumed run (pretrain and continual)
 - precision.py          `trainer.precision=auto`, resolved where the run trains
 - cluster.py            local or Slurm, the Slurm profile and the job shape
 - sbatch.py             submitit's SlurmExecutor for a run and its sbatch script

@@ -8,23 +8,15 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from selfsup.core.errors import UserError
-from selfsup.core.run_folder import load_run_config, new_run_dir, write_run_config
 
 
 def resolve_pretrain(method: str, backbone: str, overrides: list[str]):
     """The config and run folder of `submit pretrain`: a new run, or a resumed one."""
     from selfsup.launch.config import compose
+    from selfsup.launch.run_config import resolve_run
 
-    resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
-    if resume:
-        base = load_run_config(resume, name=f"resume={resume!r}")
-        if (base.method.name, base.backbone.name) != (method, backbone):
-            raise UserError(f"resume={resume!r} is a {base.method.name} {base.backbone.name} run, not {method} {backbone}")
-        cfg = compose(method, backbone, [o for o in overrides if not o.startswith("resume=")], base=base)
-        cfg.resume = resume
-        return cfg, Path(resume)
-    cfg = compose(method, backbone, overrides)
-    return cfg, new_run_dir(cfg)
+    cfg, run_dir, _ = resolve_run(method, backbone, overrides, compose)
+    return cfg, run_dir
 
 
 # set by `submit pretrain` for the processes that Lightning's local DDP launcher starts (ranks > 0
@@ -41,6 +33,7 @@ def _launched_rank_run_dir() -> Path | None:
 
 def pretrain(args) -> int:
     from selfsup.core.config_hash import to_yaml
+    from selfsup.core.run_folder import write_run_config
     from selfsup.launch.cluster import prepare_cluster
 
     launched = _launched_rank_run_dir()
@@ -105,10 +98,12 @@ def probe(args) -> int:
 
 
 def continual(args) -> int:
-    from selfsup.continual.config import resolve
+    from selfsup.continual.config import compose
     from selfsup.core.config_hash import to_yaml
+    from selfsup.core.run_folder import write_run_config
+    from selfsup.launch.run_config import resolve_run
 
-    cfg, run_dir, resumed = resolve(args.method, args.backbone, args.overrides)
+    cfg, run_dir, resumed = resolve_run(args.method, args.backbone, args.overrides, compose)
     if args.dry_run:
         print(f"# run folder: {run_dir}" + (" (resumed)" if resumed else ""))
         print(to_yaml(cfg), end="")
