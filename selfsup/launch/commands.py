@@ -62,6 +62,10 @@ def pretrain(args) -> int:
     if uses_demo_data(parse_overrides(args.overrides)) and not cfg.resume:
         print(f"selfsup: no data given: pretraining on the built-in demo data {cfg.data.name!r} "
               f"(pass data=<shards> for your own)")
+    if not on_slurm:  # a Slurm job resolves it on its node (run_pretrain)
+        from selfsup.launch.precision import resolve_run_precision
+
+        resolve_run_precision(cfg)
     write_run_config(run_dir, cfg)
     if on_slurm:
         return _submit_to_slurm(cfg, run_dir)

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from selfsup.core.errors import UserError
 from selfsup.core.run_folder import is_run_folder, load_run_config, new_run_dir
+from selfsup.launch.precision import restore_requested_precision
 
 # compose(method, backbone, overrides, base=None): `base`, a saved run config, replaces the file layers
 Compose = Callable[..., DictConfig]
@@ -30,6 +31,7 @@ def resolve_run(method: str, backbone: str, overrides: list[str], compose: Compo
     base = load_run_config(resume, name=f"resume={resume!r}")
     if (base.method.name, base.backbone.name) != (method, backbone):
         raise UserError(f"resume={resume!r} is a {base.method.name} {base.backbone.name} run, not {method} {backbone}")
+    restore_requested_precision(base)  # `auto` is resolved again on the machine that resumes
     cfg = compose(method, backbone, rest, base=base)
     cfg.resume = resume
     return cfg, Path(resume), True
