@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfsup.errors import UserError, unknown_choice
+from selfsup.core.atomic import write_atomic
+from selfsup.core.errors import UserError, unknown_choice
 
 FORMATS = ("timm", "torchvision")
 BACKBONE_PREFIX = "backbone.net."
@@ -309,17 +310,7 @@ def _write_safetensors_atomically(weights: Mapping[str, torch.Tensor], out_path:
     # each tensor gets its own contiguous storage: safetensors refuses tensors that share memory (tied
     # weights, which ZeRO's converter also returns as one tensor under two names)
     tensors = {key: tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format) for key, tensor in weights.items()}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    # a temporary file in the same folder, so that os.replace is a rename on one file system: readers
-    # see the old file or the complete new one, never a partial write
-    handle, temporary = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, out_path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomic(out_path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
 def load_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -151,3 +151,33 @@ def test_corrupt_chunk_is_skipped_and_counted(short_episodes):
     skipped = multiprocessing.Value("l", 0)
     refs = list(expand_chunks(iter([broken, samples[1]]), skipped))
     assert skipped.value == 1 and len(refs) == decode_chunk(samples[1]).own
+
+
+def test_ram_feature_cache_loads_weights_only(tmp_path, monkeypatch):
+    """The RAM probe's feature cache holds tensors only: the second call reads it with weights_only=True."""
+    from types import SimpleNamespace
+
+    import selfsup.data.stream as stream
+    from selfsup.eval import atari_ram
+
+    encoded = []
+
+    def fake_encode(backbone, refs, cfg, device, desc):
+        encoded.append(desc)
+        return torch.randn(len(refs), 4), np.arange(len(refs) * 128, dtype=np.uint8).reshape(len(refs), 128)
+
+    monkeypatch.setattr(stream, "resolve_split", lambda data, split: f"/unused/{split}")
+    monkeypatch.setattr(atari_ram, "load_split", lambda spec: [])
+    monkeypatch.setattr(atari_ram, "select_refs", lambda chunks, per_game, seed: {"Pong": [None] * 3})
+    monkeypatch.setattr(atari_ram, "encode_refs", fake_encode)
+    cfg = OmegaConf.create({"data": {"image_size": 84, "mean": [0.5] * 3, "std": [0.5] * 3},
+                            "probe": {"train_samples": 3, "test_samples": 3, "seed": 0}})
+    target = SimpleNamespace(identity="x", backbone=torch.nn.Identity())
+    first = atari_ram.ram_features(target, cfg, tmp_path)
+    again = atari_ram.ram_features(target, cfg, tmp_path)
+    assert len(encoded) == 2  # train and test once: the second call read the cache
+    for a, b in zip(first["Pong"], again["Pong"]):
+        assert type(a) is type(b)
+        assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else (a.dtype == b.dtype and np.array_equal(a, b)))
+    cache = next(tmp_path.glob("ram-features-*.pt"))
+    torch.load(cache, weights_only=True)

@@ -20,7 +20,7 @@ from selfsup.continual.data import is_validation, split_classes
 from selfsup.continual.model import ContinualTransformer
 from selfsup.continual.reweight import HeadConvReweight, reweight
 from selfsup.continual.taskid import class_gaussian, identify_task, mahalanobis_distance, view_entropy
-from selfsup.errors import UserError
+from selfsup.core.errors import UserError
 
 
 # ---- the re-weighting: per-head, no mixing, identity limit W_t -> W_0 -----------------------------

@@ -14,7 +14,7 @@ from selfsup.data.builtin import load_builtin
 from selfsup.data.shards import builtin_shards, write_shards_from
 from selfsup.data.stream import SampleDecoder, count_samples, expand_urls, make_stream
 from selfsup.data.views import crop_flip_view, eval_view, to_float
-from selfsup.errors import UserError
+from selfsup.core.errors import UserError
 
 MEAN, STD = [0.5] * 3, [0.5] * 3
 

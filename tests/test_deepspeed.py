@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from conftest import run_submit
-from selfsup.errors import UserError
+from selfsup.core.errors import UserError
 from selfsup.launch.config import compose
 from selfsup.launch.strategies import (
     build_strategy,

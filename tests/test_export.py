@@ -20,10 +20,9 @@ from torch import nn
 import selfsup.backbones.small  # noqa: F401  (timm must know the selfsup_* names to rebuild them here)
 from selfsup import export
 from selfsup.backbones import backbone_names, create_backbone
-from selfsup.errors import UserError
+from selfsup.core.errors import UserError
 
 CONVNET_INPUT_PX = 64  # small inputs keep the big convnets fast; weights do not depend on input size
-HEAD_KEYS = ("head.weight", "head.bias")
 
 
 def selfsup_metadata(backbone, method="testmethod", config_hash="cafe1234", backbone_kwargs=None) -> dict:

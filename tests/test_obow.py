@@ -11,7 +11,7 @@ import yaml
 
 from conftest import image_tags, read_scalars, run_submit
 from selfsup.data.views import multi_crop_view, patch_grid
-from selfsup.errors import UserError
+from selfsup.core.errors import UserError
 from selfsup.launch.config import compose
 from selfsup.ssl.obow import (Vocabulary, WeightGenerator, bag_of_words, bow_kl, bow_logits, bow_targets,
                               ema_parameters_, entropy, obow_loss, repeat_per_crop, soft_codes, soft_cross_entropy,

@@ -32,6 +32,32 @@ def test_auto_on_this_cpu(monkeypatch):
         assert resolve_precision("auto", "auto") == "32-true"
 
 
+def test_config_yaml_holds_the_resolved_precision_and_resume_resolves_again(tmp_path, monkeypatch):
+    """config.yaml is the config the checkpoints' config_hash describes: precision resolved, the request kept."""
+    import selfsup.launch.precision as precision
+    from selfsup.core.config_hash import config_hash
+    from selfsup.core.run_folder import load_run_config, write_run_config
+    from selfsup.launch.config import compose
+    from selfsup.launch.run_config import resolve_run
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    overrides = ["data=digits", "trainer.accelerator=cpu", f"run_dir={tmp_path}", "run_name=r"]
+    cfg, run_dir, resumed = resolve_run("rotnet", "resnet_tiny", overrides, compose)
+    assert cfg.trainer.precision == "auto" and not resumed
+    assert precision.resolve_run_precision(cfg)
+    write_run_config(run_dir, cfg)
+    saved = load_run_config(run_dir)
+    assert saved.trainer.precision == "32-true" and saved.precision_requested == "auto"
+    assert config_hash(saved) == config_hash(cfg)  # what SSLMethod.on_save_checkpoint records
+    assert not precision.resolve_run_precision(saved)  # already resolved: unchanged
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # resumed on another machine
+    cfg, _, resumed = resolve_run("rotnet", "resnet_tiny", [f"resume={run_dir}"], compose)
+    assert resumed and cfg.trainer.precision == "auto" and "precision_requested" not in cfg
+    assert precision.resolve_run_precision(cfg) and cfg.trainer.precision == "bf16-mixed"
+    cfg, _, _ = resolve_run("rotnet", "resnet_tiny", [f"resume={run_dir}", "trainer.precision=32-true"], compose)
+    assert cfg.trainer.precision == "32-true" and not precision.resolve_run_precision(cfg)
+
+
 def test_channels_last_training_matches_nchw_training():
     """NHWC weights change the memory layout, not the maths: the same loss and gradients."""
     from selfsup.launch.config import compose

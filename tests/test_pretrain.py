@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 from conftest import image_tags, read_scalars, run_submit
+from selfsup.core.config_hash import config_hash
 
 TINY = ["rotnet", "resnet_tiny", "data=digits", "data.batch_size=16", "data.num_workers=0"]
 
@@ -32,9 +34,11 @@ def test_run_folder_config_checkpoint_and_tensorboard(tmp_path):
     assert any(t.startswith("lr-") for t in scalars)
     assert "rotnet/predicted_vs_true" in image_tags(run / "tb")
     assert "run folder" in proc.stdout
-    # the RotNet recipe: NHWC weights, precision chosen for this machine and said in one line
-    assert cfg["backbone"]["channels_last"] is True and cfg["trainer"]["precision"] == "auto"
-    assert "trainer.precision=auto -> " in proc.stdout
+    # the RotNet recipe: NHWC weights, precision chosen for this machine and said in one line;
+    # config.yaml holds the chosen one (and that `auto` was asked for), the config the checkpoint's hash describes
+    assert cfg["backbone"]["channels_last"] is True and cfg["precision_requested"] == "auto"
+    assert f"trainer.precision=auto -> {cfg['trainer']['precision']} " in proc.stdout
+    assert config_hash(OmegaConf.load(run / "config.yaml")) == ckpt["selfsup"]["config_hash"]
     conv = ckpt["state_dict"]["backbone.net.conv1.weight"]
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
 

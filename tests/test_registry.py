@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from selfsup.backbones import backbone_names, create_backbone, get_spec, register_backbone
-from selfsup.errors import UserError
+from selfsup.core.errors import UserError
 
 REQUIRED = ["resnet18", "resnet50", "convnext_atto", "convnext_t", "convnext_s", "convnext_b", "vit_t", "vit_s", "vit_b"]
 

@@ -11,7 +11,7 @@ import yaml
 
 from conftest import image_tags, read_scalars, run_submit
 from selfsup import export
-from selfsup.errors import UserError
+from selfsup.core.errors import UserError
 from selfsup.launch.config import compose
 from selfsup.ssl import METHODS, method_class
 from selfsup.ssl.sit.loss import TASKS

@@ -148,7 +148,7 @@ def test_sparse_and_masked_backends_agree(name, pixels, dtype):
 
 @pytest.mark.parametrize("engine", SPARSE_ENGINES)
 def test_sparse_backend_is_deterministic_with_two_threads(engine):
-    # spconv 2.3's CPU scatter-add races between OpenMP threads (sparse_encoder patches it): without
+    # spconv 2.3's CPU scatter-add races between OpenMP threads (spconv_compat patches it): without
     # the patch the spconv engine fails this in most runs
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -176,7 +176,3 @@ def selfsup_cct_tiny_test(pretrained: bool = False, **kwargs):
     """tests: 2 layers, 32-d, 2 heads, one 3x3 conv (32 px -> 256 tokens)."""
     return _cct(2, 3, 1, kwargs, embed_dim=32, num_heads=2)
 
-
-def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-

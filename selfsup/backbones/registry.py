@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from selfsup.errors import unknown_choice
+from selfsup.core.errors import unknown_choice
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,14 @@
 """Config of `submit continual`: configs/continual/<method>.yaml -> data -> per-backbone -> key=value.
+A new or resumed run's config and folder come from selfsup/launch/run_config.py, as for pretraining.
 No torch here (CLI start-up)."""
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 from omegaconf import DictConfig, OmegaConf
 
-from selfsup.errors import UserError, unknown_choice
-from selfsup.launch.config import _load, config_root, parse_overrides, select_data, set_key
+from selfsup.core.config_files import config_root, load_config, select_data
+from selfsup.core.errors import UserError, unknown_choice
+from selfsup.core.overrides import parse_overrides, set_key
 
 METHODS = {"contracon": "exemplar-free continual transformer: per-head convolutional re-weighting of Q/K/V per task"}
 ALIASES = {
@@ -36,7 +35,7 @@ def _pairs(overrides: list[str]) -> list[tuple[str, str]]:
 
 def _select_data(cfg: DictConfig, value: str) -> DictConfig:
     if value in continual_data_names():
-        return OmegaConf.merge(cfg, _load(config_root() / "continual" / "data" / f"{value}.yaml"))
+        return OmegaConf.merge(cfg, load_config(config_root() / "continual" / "data" / f"{value}.yaml"))
     try:
         return select_data(cfg, value)
     except UserError:
@@ -55,7 +54,7 @@ def compose(method: str, backbone: str, overrides: list[str], base: DictConfig |
                         f"not {backbone} (a {spec.family})")
     pairs = _pairs(overrides)
     if base is None:
-        cfg = _load(config_root() / "continual" / f"{method}.yaml")
+        cfg = load_config(config_root() / "continual" / f"{method}.yaml")
         per_backbone = cfg.pop("backbones", None) or {}
         cfg.backbone.name = backbone
         data = dict(pairs).get("data", "split_fashion_mnist")
@@ -73,25 +72,3 @@ def compose(method: str, backbone: str, overrides: list[str], base: DictConfig |
         raise UserError(f"tasks={cfg.continual.tasks}: need at least one task")
     return cfg
 
-
-def resolve(method: str, backbone: str, overrides: list[str]) -> tuple[DictConfig, Path, bool]:
-    """(config, run folder, resumed?). `resume=RUN`, or a `run_name` whose folder exists, continues
-    that run with its saved config (overrides apply on top)."""
-    resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
-    rest = [o for o in overrides if not o.startswith("resume=")]
-    if resume is None:
-        cfg = compose(method, backbone, rest)
-        name = cfg.run_name or f"{method}-{backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
-        folder = Path(cfg.run_dir) / name
-        if not (folder / "config.yaml").exists():
-            return cfg, folder, False
-        resume = str(folder)
-    folder = Path(resume)
-    if not (folder / "config.yaml").exists():
-        raise UserError(f"resume={resume!r} is not a run folder (no config.yaml in it)")
-    base = OmegaConf.load(folder / "config.yaml")
-    if (base.method.name, base.backbone.name) != (method, backbone):
-        raise UserError(f"{resume!r} is a {base.method.name} {base.backbone.name} run, not {method} {backbone}")
-    cfg = compose(method, backbone, rest, base=base)
-    cfg.resume = str(folder)
-    return cfg, folder, True

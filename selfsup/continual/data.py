@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from selfsup.data.stream import dataset_classes, expand_urls, resolve_split
-from selfsup.errors import UserError, unknown_choice
+from selfsup.core.errors import UserError, unknown_choice
 
 log = logging.getLogger(__name__)
 

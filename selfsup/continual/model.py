@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from selfsup.continual.reweight import HeadConvReweight
-from selfsup.errors import UserError
+from selfsup.core.errors import UserError
 
 TOKENIZER_PREFIXES = ("tokenizer", "patch_embed")  # shared by all tasks, never re-normalised
 

@@ -10,8 +10,6 @@ its best validation check (a split carved from its train split) are kept.
 from __future__ import annotations
 
 import json
-
-import os
 import time
 from pathlib import Path
 
@@ -26,8 +24,9 @@ from selfsup.continual import metrics as M
 from selfsup.continual.data import ArrayDataset, TaskArrays, TaskStream, normalise, train_transform
 from selfsup.continual.model import ContinualTransformer
 from selfsup.continual.taskid import class_gaussian, classify_all_tasks, mahalanobis_distance, make_views
-from selfsup.errors import UserError, unknown_choice
-from selfsup.launch.checkpointing import save_atomic
+from selfsup.core.atomic import write_atomic, write_text_atomic
+from selfsup.core.config_hash import config_hash
+from selfsup.core.errors import UserError, unknown_choice
 
 CHECKPOINT = "continual.pt"
 
@@ -283,13 +282,7 @@ def evaluate(model: ContinualTransformer, stream: TaskStream, upto: int, cfg: Di
     return out
 
 
-# ---- checkpoints (save_atomic: selfsup/launch/checkpointing.py) ---------------------------------
-def write_text_atomic(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
+# ---- checkpoints -------------------------------------------------------------------------------
 def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -298,8 +291,6 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def checkpoint_dict(model, cfg, stream: TaskStream, rows: list[dict], steps: int) -> dict:
-    from selfsup.launch.config import config_hash
-
     b = model.backbone
     return {
         "state_dict": model.state_dict(),  # backbone.net.* (task 0, frozen) + tasks.<t>.* (per task)
@@ -343,7 +334,7 @@ def run_continual(cfg: DictConfig, run_dir: str | Path) -> dict:
     for task in range(len(rows), stream.tasks):
         classes = stream.task_classes[task]
         print(f"selfsup: task {task + 1}/{stream.tasks}: classes {', '.join(f'{c} ({names[c]})' for c in classes)}", flush=True)
-        write_text_atomic(json.dumps({"task": task + 1, "state": "training", "time": time.time()}) + "\n", run_dir / "progress.json")
+        write_text_atomic(run_dir / "progress.json", json.dumps({"task": task + 1, "state": "training", "time": time.time()}) + "\n")
         train, val = stream.train_val(task)
         model.add_task(len(classes))
         info = train_task(model, task, train, val, cfg, logger, stream.tasks)
@@ -357,14 +348,15 @@ def run_continual(cfg: DictConfig, run_dir: str | Path) -> dict:
         row.update(evaluate(model, stream, task, cfg))
         row.update(eval_seconds=time.perf_counter() - start, eval_cpu_seconds=time.process_time() - cpu_start)
         rows.append(row)
-        save_atomic(checkpoint_dict(model, cfg, stream, rows, steps), ckpt_path)
+        checkpoint = checkpoint_dict(model, cfg, stream, rows, steps)
+        write_atomic(ckpt_path, lambda temporary: torch.save(checkpoint, temporary))
         summary = M.summarise(rows, stream.task_classes)
-        write_text_atomic(json.dumps(summary, indent=1) + "\n", run_dir / "metrics.json")
+        write_text_atomic(run_dir / "metrics.json", json.dumps(summary, indent=1) + "\n")
         log_task(logger, summary, row, task)
         print(f"selfsup: task {task + 1} done: best validation accuracy {100 * info['val_acc']:.1f}%, "
               f"{info['images_per_second']:.0f} train images/s, checkpoint {ckpt_path}", flush=True)
         print(M.table(summary), flush=True)
-    write_text_atomic(json.dumps({"task": len(rows), "state": "done", "time": time.time()}) + "\n", run_dir / "progress.json")
+    write_text_atomic(run_dir / "progress.json", json.dumps({"task": len(rows), "state": "done", "time": time.time()}) + "\n")
     summary = M.summarise(rows, stream.task_classes)
     return {"summary": summary, "run_dir": str(run_dir), "skipped_samples": stream.skipped}
 

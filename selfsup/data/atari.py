@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from selfsup.errors import UserError, unknown_choice
+from selfsup.core.errors import UserError, unknown_choice
 
 FRAME_SIZE = 84
 FRAME_SKIP = 4

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from selfsup.errors import UserError, unknown_choice
+from selfsup.core.errors import UserError, unknown_choice
 
 FASHION_MNIST_DIR = Path(os.environ.get("SELFSUP_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 SPLITS = ("train", "test")

@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from selfsup.errors import UserError
+from selfsup.core.errors import UserError
 
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".bmp": "bmp", ".webp": "webp", ".ppm": "ppm"}
 INDEX_FILE = "index.json"
@@ -156,7 +156,7 @@ def write_shards_from(src: str, out: str | Path, samples_per_shard: int = 5000) 
                                     samples_per_shard=samples_per_shard, desc=f"{src}/{split}")
         return written
     if not Path(src).exists() and "/" not in src:
-        from selfsup.errors import unknown_choice
+        from selfsup.core.errors import unknown_choice
 
         raise unknown_choice("shard source (built-in dataset or image folder)", src, BUILTIN)
     samples, total, classes = image_folder_samples(Path(src))

@@ -23,7 +23,7 @@ from lightning.pytorch import LightningDataModule
 from selfsup.data.shards import builtin_shards, read_index
 from selfsup.data.tarstream import use_fast_tar_reader
 from selfsup.data.views import ViewCollate
-from selfsup.errors import UserError
+from selfsup.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

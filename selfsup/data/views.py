@@ -358,7 +358,7 @@ def two_views(image_size: int, mean: Sequence[float], std: Sequence[float], scal
     mixup (SiT v1's views, docs/methods/sit.md): RandomResizedCrop, horizontal flip, ColorJitter with
     brightness = contrast = saturation = `color_jitter` (applied always, no hue), normalised."""
     if interpolation not in INTERPOLATIONS:
-        from selfsup.errors import unknown_choice
+        from selfsup.core.errors import unknown_choice
 
         raise unknown_choice("interpolation", interpolation, INTERPOLATIONS)
     geometry = v2.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=v2.InterpolationMode(interpolation),
@@ -367,10 +367,6 @@ def two_views(image_size: int, mean: Sequence[float], std: Sequence[float], scal
                               jitter_strength=(color_jitter, color_jitter, color_jitter, 0.0))
     branch = Branch(geometry, photometric)
     return View({"view1": branch, "view2": branch}, mean, std)
-
-
-def colour_augment(p_jitter: float = 0.8, p_gray: float = 0.2) -> list:
-    return [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=p_jitter), v2.RandomGrayscale(p_gray)]
 
 
 def patch_grid(image: torch.Tensor, patch_size: int, jitter: int, keep: int, grid: int = 3) -> torch.Tensor:

@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from selfsup.errors import UserError
+from selfsup.core.atomic import write_atomic, write_text_atomic
+from selfsup.core.errors import UserError
 
 ATARI_DATA = ("atari", "atari_ram")
+# the feature cache holds tensors only (the RAM as uint8 tensors), so that it loads with
+# torch.load(weights_only=True); the version is part of the cache key, so older caches are not read
+CACHE_FORMAT = 2
 
 
 class LastFramePixels(torch.nn.Module):
@@ -94,10 +97,10 @@ def ram_features(target, cfg: DictConfig, cache_dir: Path | None) -> dict:
     p = cfg.probe
     key = hashlib.sha1(json.dumps([target.identity, {k: str(v) for k, v in specs.items()}, cfg.data.image_size,
                                    list(cfg.data.mean), list(cfg.data.std), p.train_samples, p.get("test_samples"),
-                                   p.seed, type(target.backbone).__name__]).encode()).hexdigest()[:16]
+                                   p.seed, type(target.backbone).__name__, CACHE_FORMAT]).encode()).hexdigest()[:16]
     cache = cache_dir / f"ram-features-{key}.pt" if cache_dir else None
     if cache and cache.exists():
-        return torch.load(cache, weights_only=False)
+        return _from_cache(torch.load(cache, map_location="cpu", weights_only=True))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     per_split = {}
     for split, per_game in (("train", p.train_samples), ("test", p.get("test_samples"))):
@@ -108,11 +111,19 @@ def ram_features(target, cfg: DictConfig, cache_dir: Path | None) -> dict:
         raise UserError(f"games {missing} are in only one of the train and test splits")
     out = {g: (*per_split["train"][g], *per_split["test"][g]) for g in sorted(per_split["train"])}
     if cache:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save(out, tmp)
-        os.replace(tmp, cache)
+        stored = _to_cache(out)
+        write_atomic(cache, lambda temporary: torch.save(stored, temporary))
     return out
+
+
+def _to_cache(features: dict) -> dict:
+    """{game: [train_x, train_ram, test_x, test_ram]}, every one a tensor."""
+    return {g: [torch.as_tensor(part) for part in parts] for g, parts in features.items()}
+
+
+def _from_cache(stored: dict) -> dict:
+    """The inverse of `_to_cache`: features as float tensors, the RAM as uint8 arrays."""
+    return {g: (train_x, train_ram.numpy(), test_x, test_ram.numpy()) for g, (train_x, train_ram, test_x, test_ram) in stored.items()}
 
 
 def probe_variable(train_x, train_y: np.ndarray, test_x, test_y: np.ndarray, cfg: DictConfig) -> dict:
@@ -187,7 +198,7 @@ def run_ram_probe(loaded, cfg: DictConfig, target: str) -> dict:
     result.update({"target": target, "global_step": loaded.step, "data": OmegaConf.to_container(cfg.data),
                    "probe": OmegaConf.to_container(cfg.probe)})
     if loaded.run_dir:
-        (loaded.run_dir / "probe_atari_ram.json").write_text(json.dumps(result, indent=1))
+        write_text_atomic(loaded.run_dir / "probe_atari_ram.json", json.dumps(result, indent=1))
         from torch.utils.tensorboard import SummaryWriter
 
         with SummaryWriter(str(loaded.run_dir / "tb")) as writer:

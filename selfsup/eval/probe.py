@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from selfsup.errors import UserError
+from selfsup.core.atomic import write_atomic, write_text_atomic
+from selfsup.core.config_files import config_root, load_config, select_data
+from selfsup.core.errors import UserError
+from selfsup.core.overrides import parse_overrides, parse_value, set_key
 
 
 def extract_features(backbone, loader, device: str | torch.device = "cpu", desc: str = "features"):
@@ -31,10 +33,8 @@ def extract_features(backbone, loader, device: str | torch.device = "cpu", desc:
 
 
 def probe_config(overrides: list[str], run_cfg: DictConfig | None) -> DictConfig:
-    from selfsup.launch.config import _load, config_root, parse_overrides, select_data, set_key
-
     root = config_root()
-    cfg = OmegaConf.merge({"data": _load(root / "defaults.yaml").data}, _load(root / "probe.yaml"))
+    cfg = OmegaConf.merge({"data": load_config(root / "defaults.yaml").data}, load_config(root / "probe.yaml"))
     pairs = parse_overrides(overrides)
     data_choice = dict(pairs).get("data")
     if data_choice is None and run_cfg is not None and run_cfg.data.name != "shards":
@@ -127,10 +127,7 @@ def probe_features(backbone, cfg: DictConfig, cache_dir: Path | None, identity: 
         loader = eval_loader(specs[split], view, batch_size=cfg.probe.batch_size, num_workers=cfg.data.num_workers)
         out += list(extract_features(backbone, loader, device, desc=f"features {split}"))
     if cache:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save(out, tmp)
-        os.replace(tmp, cache)
+        write_atomic(cache, lambda temporary: torch.save(out, temporary))
     return tuple(out)
 
 
@@ -163,8 +160,6 @@ def format_table(result: dict, title: str) -> str:
 def backbone_kwargs(overrides: list[str]) -> dict:
     """`backbone.kwargs.<k>=<v>` overrides: how to build the backbone of a `random:<backbone>` target
     (e.g. backbone.kwargs.img_size=84 backbone.kwargs.patch_size=8)."""
-    from selfsup.launch.config import parse_overrides, parse_value
-
     prefix = "backbone.kwargs."
     return {k[len(prefix):]: parse_value(v) for k, v in parse_overrides(overrides) if k.startswith(prefix)}
 
@@ -186,7 +181,7 @@ def run_probe(target: str, overrides: list[str]) -> dict:
     result.update({"target": target, "global_step": loaded.step, "data": OmegaConf.to_container(cfg.data),
                    "probe": OmegaConf.to_container(cfg.probe)})
     if loaded.run_dir:
-        (loaded.run_dir / "probe.json").write_text(json.dumps(result, indent=1))
+        write_text_atomic(loaded.run_dir / "probe.json", json.dumps(result, indent=1))
         _log_tensorboard(loaded.run_dir, result, loaded.step)
     return result
 

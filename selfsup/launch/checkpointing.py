@@ -1,4 +1,4 @@
-"""Checkpoints that survive kills: written to a temporary file and renamed into place, so
+"""Checkpoints that survive kills: written atomically (selfsup/core/atomic.py), so
 `last.ckpt` is always either the previous complete checkpoint or the new complete one. A DeepSpeed
 checkpoint is a folder (one shard per rank): it is written as `last.ckpt.tmp/` by every rank and
 renamed into place by rank 0 after a barrier (the previous one is moved to `last.ckpt.old/` first and
@@ -6,14 +6,13 @@ removed after, and `resolve_last` falls back to it if a kill came between the tw
 Next to it, `last.json` (step, epoch, time) lets `submit status` and the resume seeding read where
 a run stands without loading the checkpoint.
 
-`RequeueOnSignal` is the Lightning half of Slurm preemption (the design is in executors.py)."""
+`RequeueOnSignal` is the Lightning half of Slurm preemption (the design is in slurm_job.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from selfsup.core.atomic import fsync_folder, write_atomic, write_text_atomic
 
 LAST = "last.ckpt"
 LAST_INFO = "last.json"
@@ -47,34 +48,16 @@ def read_last_info(folder: Path) -> dict | None:
 def _write_info(folder: Path, trainer: pl.Trainer) -> None:
     info = {"global_step": trainer.global_step, "epoch": trainer.current_epoch,
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    tmp = Path(folder) / f".{LAST_INFO}.tmp"
-    tmp.write_text(json.dumps(info) + "\n")
-    os.replace(tmp, Path(folder) / LAST_INFO)
+    write_text_atomic(Path(folder) / LAST_INFO, json.dumps(info) + "\n")
 
 
 def _is_deepspeed(trainer: pl.Trainer) -> bool:
     return type(trainer.strategy).__name__ == "DeepSpeedStrategy"
 
 
-def save_atomic(obj: Any, path) -> None:
-    """torch.save to a temporary file beside `path`, fsync, rename: a reader sees the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        save_atomic(checkpoint, path)
+        write_atomic(path, lambda temporary: torch.save(checkpoint, temporary))
 
 
 class LastCheckpoint(pl.Callback):
@@ -112,6 +95,7 @@ class LastCheckpoint(pl.Callback):
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(self.path, old)
             os.replace(tmp, self.path)
+            fsync_folder(self.path.parent)
             shutil.rmtree(old, ignore_errors=True)
         trainer.strategy.barrier("selfsup.last_ckpt.renamed")
 

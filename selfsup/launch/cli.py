@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from selfsup.errors import UserError
+from selfsup.core.errors import UserError
 
 EPILOG = """examples:
   submit pretrain rotnet convnet4                             # demo: built-in Fashion-MNIST, this machine

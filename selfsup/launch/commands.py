@@ -3,40 +3,20 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from selfsup.errors import UserError
-
-
-def new_run_dir(cfg) -> Path:
-    name = cfg.run_name or f"{cfg.method.name}-{cfg.backbone.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(cfg.run_dir) / name
-
-
-def load_run_config(folder: str):
-    path = Path(folder) / "config.yaml"
-    if not path.exists():
-        raise UserError(f"resume={folder!r} is not a run folder (no config.yaml in it)")
-    return OmegaConf.load(path)
+from selfsup.core.errors import UserError
 
 
 def resolve_pretrain(method: str, backbone: str, overrides: list[str]):
     """The config and run folder of `submit pretrain`: a new run, or a resumed one."""
     from selfsup.launch.config import compose
+    from selfsup.launch.run_config import resolve_run
 
-    resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
-    if resume:
-        base = load_run_config(resume)
-        if (base.method.name, base.backbone.name) != (method, backbone):
-            raise UserError(f"resume={resume!r} is a {base.method.name} {base.backbone.name} run, not {method} {backbone}")
-        cfg = compose(method, backbone, [o for o in overrides if not o.startswith("resume=")], base=base)
-        cfg.resume = resume
-        return cfg, Path(resume)
-    cfg = compose(method, backbone, overrides)
-    return cfg, new_run_dir(cfg)
+    cfg, run_dir, _ = resolve_run(method, backbone, overrides, compose)
+    return cfg, run_dir
 
 
 # set by `submit pretrain` for the processes that Lightning's local DDP launcher starts (ranks > 0
@@ -52,8 +32,9 @@ def _launched_rank_run_dir() -> Path | None:
 
 
 def pretrain(args) -> int:
-    from selfsup.launch.config import to_yaml
-    from selfsup.launch.executors import prepare_cluster
+    from selfsup.core.config_hash import to_yaml
+    from selfsup.core.run_folder import write_run_config
+    from selfsup.launch.cluster import prepare_cluster
 
     launched = _launched_rank_run_dir()
     if launched is not None:  # a rank > 0 of a local multi-device run
@@ -71,18 +52,21 @@ def pretrain(args) -> int:
         print(f"# run folder: {run_dir}")
         print(to_yaml(cfg), end="")
         if on_slurm:
-            from selfsup.launch.executors import sbatch_script
+            from selfsup.launch.sbatch import sbatch_script
 
             print("# ---- the sbatch script submitit would submit (not submitted: --dry-run) ----")
             print(sbatch_script(cfg, run_dir), end="")
         return 0
-    from selfsup.launch.config import parse_overrides, uses_demo_data
+    from selfsup.core.overrides import parse_overrides, uses_demo_data
 
     if uses_demo_data(parse_overrides(args.overrides)) and not cfg.resume:
         print(f"selfsup: no data given: pretraining on the built-in demo data {cfg.data.name!r} "
               f"(pass data=<shards> for your own)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if not on_slurm:  # a Slurm job resolves it on its node (run_pretrain)
+        from selfsup.launch.precision import resolve_run_precision
+
+        resolve_run_precision(cfg)
+    write_run_config(run_dir, cfg)
     if on_slurm:
         return _submit_to_slurm(cfg, run_dir)
     print(f"selfsup: run folder {run_dir}  (tensorboard --logdir {run_dir / 'tb'})", flush=True)
@@ -96,7 +80,7 @@ def pretrain(args) -> int:
 
 
 def _submit_to_slurm(cfg, run_dir: Path) -> int:
-    from selfsup.launch.executors import submit_slurm
+    from selfsup.launch.slurm_job import submit_slurm
 
     job = submit_slurm(cfg, run_dir)
     shape = f"{job['nodes']} node(s) x {job['tasks_per_node']} task(s)" + (
@@ -118,16 +102,17 @@ def probe(args) -> int:
 
 
 def continual(args) -> int:
-    from selfsup.continual.config import resolve
-    from selfsup.launch.config import to_yaml
+    from selfsup.continual.config import compose
+    from selfsup.core.config_hash import to_yaml
+    from selfsup.core.run_folder import write_run_config
+    from selfsup.launch.run_config import resolve_run
 
-    cfg, run_dir, resumed = resolve(args.method, args.backbone, args.overrides)
+    cfg, run_dir, resumed = resolve_run(args.method, args.backbone, args.overrides, compose)
     if args.dry_run:
         print(f"# run folder: {run_dir}" + (" (resumed)" if resumed else ""))
         print(to_yaml(cfg), end="")
         return 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    write_run_config(run_dir, cfg)
     print(f"selfsup: run folder {run_dir}  (tensorboard --logdir {run_dir / 'tb'})", flush=True)
     from selfsup.continual.train import run_continual
 
@@ -190,7 +175,7 @@ def methods(args) -> int:
 
 
 def status(args) -> int:
-    from selfsup.launch.executors import run_status, runs_table
+    from selfsup.launch.run_records import run_status, runs_table
 
     if args.run:
         print(run_status(Path(args.run)))
@@ -200,7 +185,7 @@ def status(args) -> int:
 
 
 def logs(args) -> int:
-    from selfsup.launch.executors import print_logs
+    from selfsup.launch.run_records import print_logs
 
     if not (Path(args.run) / "config.yaml").exists():
         raise UserError(f"{args.run!r} is not a run folder (no config.yaml in it)")

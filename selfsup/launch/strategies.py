@@ -47,7 +47,7 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
-from selfsup.errors import UserError
+from selfsup.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 def cluster_plugins() -> list:
     """Inside a Slurm allocation: Lightning's SLURMEnvironment for the ranks, with its own
-    auto-requeue off (submitit owns USR2 and the requeue: selfsup/launch/executors.py)."""
+    auto-requeue off (submitit owns USR2 and the requeue: selfsup/launch/slurm_job.py)."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
@@ -59,15 +59,20 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) -> di
     the loop state, so an interrupted epoch ends after its remaining batches."""
     import lightning.pytorch as pl
 
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from selfsup.core.run_folder import write_run_config
     from selfsup.data.stream import ShardDataModule
     from selfsup.launch.checkpointing import read_last_info, resolve_last
-    from selfsup.launch.precision import apply_precision
+    from selfsup.launch.precision import resolve_run_precision
     from selfsup.launch.strategies import check_strategy
     from selfsup.ssl import method_class
 
     run_dir = Path(run_dir)
-    if apply_precision(cfg):
-        print(f"selfsup: trainer.precision=auto -> {cfg.trainer.precision} on this machine", flush=True)
+    # `auto` left for this machine to resolve (a Slurm job): config.yaml then says what the run
+    # trains with, as the checkpoints' config_hash does
+    if resolve_run_precision(cfg) and rank_zero_only.rank == 0:
+        write_run_config(run_dir, cfg)
     check_strategy(cfg)
     last = resolve_last(run_dir / "checkpoints")
     resume_step = int((read_last_info(run_dir / "checkpoints") or {}).get("global_step", 0)) if last else 0

@@ -172,7 +172,7 @@ class SSLMethod(pl.LightningModule):
 
     # ---- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from selfsup.launch.config import config_hash
+        from selfsup.core.config_hash import config_hash
 
         checkpoint["selfsup"] = {
             "method": self.name,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.data import views
-from selfsup.errors import UserError
+from selfsup.core.errors import UserError
 from selfsup.ssl.base import SSLMethod
 from selfsup.ssl.obow.head import WeightGenerator, bow_logits
 from selfsup.ssl.obow.loss import code_statistics, ema_parameters_, obow_loss, squared_distances, teacher_momentum

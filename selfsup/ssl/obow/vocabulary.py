@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from selfsup.errors import UserError
+from selfsup.core.errors import UserError
 from selfsup.ssl.obow.loss import bow_targets, crop_border, local_average, mean_min_distance, update_scale
 
 

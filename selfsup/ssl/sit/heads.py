@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from selfsup.errors import UserError
+from selfsup.core.errors import UserError
 
 EXTRA = 0  # index of the method's own token in the sequence; timm's CLS token follows it
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from selfsup.data import views
-from selfsup.errors import UserError, unknown_choice
+from selfsup.core.errors import UserError, unknown_choice
 from selfsup.ssl.base import SSLMethod
 from selfsup.ssl.pictures import captioned_grid, denormalize
 from selfsup.ssl.sit.corruption import corrupt, random_rotations

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.ssl.spark.masking import upsample_mask
+from selfsup.ssl.spark.spconv_compat import apply_spconv_cpu_patch
 
 BACKENDS = ("masked", "sparse")
 CONV_ENGINES = ("gather", "spconv")
@@ -41,53 +42,10 @@ CONV_ENGINES = ("gather", "spconv")
 # spconv: optional
 
 
-def _patch_stream_query(spconv_ops) -> None:
-    # spconv's CPU backward asks for the current CUDA stream even for CPU tensors (and then ignores
-    # it); without CUDA that query raises, so answer 0 there.
-    cuda_query = spconv_ops.get_current_stream
-    if getattr(cuda_query, "answers_zero_without_cuda", False):
-        return
-
-    def get_current_stream():
-        return cuda_query() if torch.cuda.is_available() else 0
-
-    get_current_stream.answers_zero_without_cuda = True
-    spconv_ops.get_current_stream = get_current_stream
-
-
-class _SpconvOpsWithSafeScatter:
-    """spconv's `SpconvOps` with a correct `scatter_add_cpu`.
-
-    spconv 2.3's CPU scatter-add (csrc/sparse/gather.py) keeps its row pointers in variables shared
-    by all OpenMP threads, so with more than one thread rows are added to the wrong places and CPU
-    convolutions are silently wrong (forward and backward). Its CPU conv loop calls it once per
-    kernel offset with distinct output rows; torch's index_add_ does the same addition safely.
-    """
-
-    fixes_scatter_add_race = True
-
-    def __init__(self, spconv_ops_class):
-        self._wrapped = spconv_ops_class
-
-    def __getattr__(self, name):
-        return getattr(self._wrapped, name)
-
-    @staticmethod
-    def scatter_add_cpu(out, rows, indices) -> None:
-        # tensorview tensors -> torch views of the same memory
-        out, rows = torch.from_numpy(out.numpy_view()), torch.from_numpy(rows.numpy_view())
-        indices = torch.from_numpy(indices.numpy_view()).long()
-        out.index_add_(0, indices, rows[: indices.numel()])
-
-
-def _patch_scatter_add(spconv_ops) -> None:
-    if not getattr(spconv_ops.SpconvOps, "fixes_scatter_add_race", False):
-        spconv_ops.SpconvOps = _SpconvOpsWithSafeScatter(spconv_ops.SpconvOps)
-
-
 @functools.cache
 def spconv_or_reason() -> tuple[SimpleNamespace | None, str]:
-    """(spconv's functional conv ops, "") or (None, why spconv cannot be used)."""
+    """(spconv's functional conv ops, "") or (None, why spconv cannot be used). Unpatched: the sparse
+    backend applies spconv_compat's fixes before it runs them."""
     try:
         import spconv.pytorch.functional as functional
         import spconv.pytorch.ops as ops
@@ -95,8 +53,6 @@ def spconv_or_reason() -> tuple[SimpleNamespace | None, str]:
         from spconv.cppconstants import CPU_ONLY_BUILD
     except Exception as error:  # not installed, or its compiled extension does not load here
         return None, f"spconv cannot be imported ({type(error).__name__}: {error})"
-    _patch_stream_query(ops)
-    _patch_scatter_add(ops)
     spconv = SimpleNamespace(
         indice_pairs=ops.get_indice_pairs,
         subm_conv=functional.SubMConvFunction.apply,
@@ -694,7 +650,10 @@ class SparseEncoder(nn.Module):
         if self.backend == "masked":
             return _MaskedOps()
         engine = self.conv_engine_for(device)
-        return _SparseOps(engine, spconv_for(device)[0] if engine == "spconv" else None)
+        if engine == "gather":
+            return _SparseOps(engine)
+        apply_spconv_cpu_patch()
+        return _SparseOps(engine, spconv_for(device)[0])
 
     def forward(self, image: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
         active = active.bool()
