@@ -1,4 +1,5 @@
-"""The `atari_ram` eval target (`submit probe RUN data=atari_ram`): the AtariARI-style probe (Anand et al. 2019) of a frozen encoder.
+"""`submit probe RUN data=atari_ram`: the AtariARI-style probe (Anand et al. 2019) of a frozen encoder,
+registered as the eval target `atari_ram` (selfsup.eval.targets).
 
 For every game and every annotated RAM variable (selfsup.data.atari.RAM_VARIABLES) a linear
 classifier predicts the variable's byte value (up to 256 classes) from the encoder's pooled
