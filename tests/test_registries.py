@@ -65,6 +65,8 @@ def run_config(data: dict, method: str = "some_method") -> OmegaConf:
     # a run on shards: the eval target its data names, probed on that target's default data
     ([], {"name": "shards", "eval_target": "atari_ram"}, "atari_ram", "atari_ram"),
     ([], {"name": "shards", "eval_target": "classification"}, "fashion_mnist", "classification"),
+    (["data.test=/x/test"], {"name": "shards", "eval_target": "atari_ram"}, "atari_ram", "atari_ram"),
+    (["data=digits"], {"name": "shards", "eval_target": "atari_ram"}, "digits", "classification"),
     (["data.eval_target=atari_ram"], None, "fashion_mnist", "atari_ram"),
 ])
 def test_the_eval_target_comes_from_the_data(overrides, run, data, target):

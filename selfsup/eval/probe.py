@@ -42,12 +42,19 @@ def probe_config(overrides: list[str], run_cfg: DictConfig | None) -> DictConfig
     cfg = OmegaConf.merge({"data": _load(root / "defaults.yaml").data}, _load(root / "probe.yaml"))
     pairs = parse_overrides(overrides)
     data_choice = dict(pairs).get("data")
+    run_target = run_eval_target(run_cfg, root) if run_cfg is not None and data_choice is None else None
     if data_choice is None and run_cfg is not None:
-        data_choice = run_probe_data(run_cfg, root)
+        # the run's own built-in data, else (a run on shards) the default data of its eval target
+        if run_cfg.data.name != "shards":
+            data_choice = run_cfg.data.name
+        elif run_target:
+            data_choice = get_target(run_target).default_data
     if data_choice is None and not any(k == "data.test" for k, _ in pairs):
         data_choice = cfg.data.name  # the default data (configs/defaults.yaml)
     if data_choice:
         cfg = select_data(cfg, data_choice)
+    if run_target:  # the run's data says what its features are scored on
+        cfg.data.eval_target = run_target
     if run_cfg is not None:  # probe at the resolution and normalisation the backbone was trained with
         for key in ("image_size", "mean", "std"):
             cfg.data[key] = run_cfg.data[key]
@@ -57,16 +64,13 @@ def probe_config(overrides: list[str], run_cfg: DictConfig | None) -> DictConfig
     return cfg
 
 
-def run_probe_data(run_cfg: DictConfig, config_root: Path) -> str | None:
-    """The data config a run is probed on when none is given: the run's own built-in data, else the
-    default data of the eval target that the run's data names (None: the default data)."""
-    if run_cfg.data.name != "shards":
-        return run_cfg.data.name
+def run_eval_target(run_cfg: DictConfig, config_root: Path) -> str | None:
+    """The eval target that a run's data names (None: not named)."""
     name = run_cfg.data.get("eval_target")
     if name is None:  # a run saved before data configs named their target: its method's config declares it
         method_file = config_root / "method" / f"{run_cfg.method.name}.yaml"
         name = OmegaConf.select(OmegaConf.load(method_file), "data.eval_target") if method_file.exists() else None
-    return get_target(name).default_data if name else None
+    return name
 
 
 @dataclass
