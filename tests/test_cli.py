@@ -50,3 +50,25 @@ def test_listings():
         assert name in out
     assert "convnet" in out and "vit" in out and "87.57M" in out  # convnext_b's parameter count
     assert "rotnet" in run_submit("methods", check=True).stdout
+
+
+def test_shards_source_means_the_same_wherever_the_command_runs(tmp_path, monkeypatch):
+    from selfsup.data.kinds import find_kind
+    from selfsup.core.errors import UserError
+    from selfsup.launch.commands import shard_source
+
+    monkeypatch.chdir(tmp_path)
+    assert shard_source("atari") is find_kind("atari") and shard_source("digits") is find_kind("digits")
+    (tmp_path / "my_images").mkdir()
+    for folder in ("./atari", "atari/", str(tmp_path / "atari"), "./digits", "my_images"):
+        assert shard_source(folder) is None, folder  # an image folder
+    (tmp_path / "atari").mkdir()  # a folder named like built-in data: neither reading is guessed
+    try:
+        shard_source("atari")
+        raise AssertionError("a bare name that is also a folder here must be refused")
+    except UserError as err:
+        assert "./atari" in str(err) and "builtin:atari" in str(err)
+    assert shard_source("builtin:atari") is find_kind("atari") and shard_source("./atari") is None
+    line = one_line_error(run_submit("shards", "atari", tmp_path / "out", cwd=tmp_path))
+    assert "./atari" in line and "builtin:atari" in line and not (tmp_path / "out").exists()
+    assert "'nosuchdata'" in one_line_error(run_submit("shards", "nosuchdata", tmp_path / "out", cwd=tmp_path))

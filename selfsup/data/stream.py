@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import LightningDataModule
 
-from selfsup.data.shards import builtin_shards, read_index
+from selfsup.data.shards import read_index
 from selfsup.data.tarstream import use_fast_tar_reader
 from selfsup.data.views import ViewCollate
 from selfsup.core.errors import UserError
@@ -149,19 +149,17 @@ def collate(samples: list[dict]) -> dict:
 
 
 def resolve_split(data_cfg, split: str) -> str | list[str]:
-    """Where a split's shards are: `data.train`/`data.test` if given, else the built-in dataset's cache."""
+    """Where a split's shards are: `data.train`/`data.test` if given, else the built-in dataset's cache
+    (written on first use, selfsup.data.kinds)."""
     explicit = data_cfg.get(split)
     if explicit:
         return explicit
-    from selfsup.data.builtin import BUILTIN
+    from selfsup.data.kinds import find_kind, kind_names
 
-    if data_cfg.name in BUILTIN:
-        return str(builtin_shards(data_cfg.name, split, data_cfg.get("cache_dir")))
-    if data_cfg.name in ("atari", "atari_ram"):  # built-in Atari play (Pong + Breakout), made on first use
-        from selfsup.data.atari import atari_cache
-
-        return str(atari_cache(split, data_cfg.get("cache_dir")))
-    raise UserError(f"no {split} shards: set data.{split}=<shards> (or data=<built-in dataset>: {', '.join(BUILTIN)})")
+    kind = find_kind(data_cfg.name)
+    if kind is not None:
+        return str(kind.cached_split(split, data_cfg.get("cache_dir")))
+    raise UserError(f"no {split} shards: set data.{split}=<shards> (or data=<built-in dataset>: {', '.join(kind_names())})")
 
 
 def world() -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""`submit probe RUN data=atari_ram`: the AtariARI-style probe (Anand et al. 2019) of a frozen encoder.
+"""`submit probe RUN data=atari_ram`: the AtariARI-style probe (Anand et al. 2019) of a frozen encoder,
+registered as the eval target `atari_ram` (selfsup.eval.targets).
 
 For every game and every annotated RAM variable (selfsup.data.atari.RAM_VARIABLES) a linear
 classifier predicts the variable's byte value (up to 256 classes) from the encoder's pooled
@@ -14,21 +15,15 @@ its random init) and `pixels` (the stack's last frame, 84x84 = 7056 values, stan
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
+import math
+from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from selfsup.core.atomic import write_atomic, write_text_atomic
 from selfsup.core.errors import UserError
-
-ATARI_DATA = ("atari", "atari_ram")
-# the feature cache holds tensors only (the RAM as uint8 tensors), so that it loads with
-# torch.load(weights_only=True); the version is part of the cache key, so older caches are not read
-CACHE_FORMAT = 2
+from selfsup.eval.targets import EvalTarget, ProbeResult, register_target
 
 
 class LastFramePixels(torch.nn.Module):
@@ -66,54 +61,29 @@ def select_refs(chunks: list, per_game: int | None, seed: int) -> dict[str, list
     return refs
 
 
-def encode_refs(backbone, refs: list[tuple], cfg: DictConfig, device, desc: str) -> tuple[torch.Tensor, np.ndarray]:
-    """Features of the stacks o_t and the RAM after each stack ([N, D] float, [N, 128] uint8)."""
-    import torch.nn.functional as F
-    from tqdm import tqdm
+class StackBatches:
+    """Batches of the stacks o_t (`image`: resized and normalised as the backbone was trained) and
+    the RAM after each stack (`label`: uint8 [B, 128])."""
 
-    mean = torch.tensor(list(cfg.data.mean)).view(1, 3, 1, 1)
-    std = torch.tensor(list(cfg.data.std)).view(1, 3, 1, 1)
-    size = int(cfg.data.image_size)
-    feats = []
-    bs = int(cfg.probe.batch_size)
-    backbone.eval().to(device)
-    with torch.no_grad():
-        for i in tqdm(range(0, len(refs), bs), desc=desc, unit="batch", dynamic_ncols=True, mininterval=1.0):
-            part = refs[i : i + bs]
+    def __init__(self, refs: list[tuple], cfg: DictConfig):
+        self.refs = refs
+        self.batch_size = int(cfg.probe.batch_size)
+        self.size = int(cfg.data.image_size)
+        self.mean = torch.tensor(list(cfg.data.mean)).view(1, 3, 1, 1)
+        self.std = torch.tensor(list(cfg.data.std)).view(1, 3, 1, 1)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.refs) / self.batch_size)
+
+    def __iter__(self):
+        import torch.nn.functional as F
+
+        for i in range(0, len(self.refs), self.batch_size):
+            part = self.refs[i : i + self.batch_size]
             x = torch.from_numpy(np.stack([c.stack(t) for c, t in part])).float().div_(255)
-            if x.shape[-1] != size:
-                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            x = (x - mean) / std
-            feats.append(backbone(x.to(device)).float().cpu())
-    ram = np.stack([c.ram_at(t) for c, t in refs])
-    return torch.cat(feats), ram
-
-
-def ram_features(target, cfg: DictConfig, cache_dir: Path | None) -> dict:
-    """{game: (train_x, train_ram, test_x, test_ram)}, from the cache when seen before."""
-    from selfsup.data.stream import resolve_split
-
-    specs = {split: resolve_split(cfg.data, split) for split in ("train", "test")}
-    p = cfg.probe
-    key = hashlib.sha1(json.dumps([target.identity, {k: str(v) for k, v in specs.items()}, cfg.data.image_size,
-                                   list(cfg.data.mean), list(cfg.data.std), p.train_samples, p.get("test_samples"),
-                                   p.seed, type(target.backbone).__name__, CACHE_FORMAT]).encode()).hexdigest()[:16]
-    cache = cache_dir / f"ram-features-{key}.pt" if cache_dir else None
-    if cache and cache.exists():
-        return _from_cache(torch.load(cache, map_location="cpu", weights_only=True))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    per_split = {}
-    for split, per_game in (("train", p.train_samples), ("test", p.get("test_samples"))):
-        refs = select_refs(load_split(specs[split]), per_game, p.seed)
-        per_split[split] = {g: encode_refs(target.backbone, r, cfg, device, f"features {split} {g}") for g, r in refs.items()}
-    missing = sorted(set(per_split["train"]) ^ set(per_split["test"]))
-    if missing:
-        raise UserError(f"games {missing} are in only one of the train and test splits")
-    out = {g: (*per_split["train"][g], *per_split["test"][g]) for g in sorted(per_split["train"])}
-    if cache:
-        stored = _to_cache(out)
-        write_atomic(cache, lambda temporary: torch.save(stored, temporary))
-    return out
+            if x.shape[-1] != self.size:
+                x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+            yield {"image": (x - self.mean) / self.std, "label": torch.from_numpy(np.stack([c.ram_at(t) for c, t in part]))}
 
 
 def _to_cache(features: dict) -> dict:
@@ -185,24 +155,39 @@ def format_ram_table(result: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-def run_ram_probe(loaded, cfg: DictConfig, target: str) -> dict:
-    from omegaconf import OmegaConf
+class RamProbeResult(ProbeResult):
+    def table(self, title: str) -> str:
+        return format_ram_table(self, title)
 
-    from selfsup.eval.probe import PixelFeatures
+    def scalars(self) -> dict[str, float]:
+        return {"probe/ram_f1_mean": self["mean_f1"],
+                **{f"probe_ram/{r['game']}_{r['variable']}": r["f1"] for r in self["variables"]}}
 
-    if isinstance(loaded.backbone, PixelFeatures):
-        loaded.backbone = LastFramePixels()
-    cache_dir = loaded.run_dir / "probe" if loaded.run_dir else None
-    features = ram_features(loaded, cfg, cache_dir)
-    result = evaluate_ram(features, cfg)
-    result.update({"target": target, "global_step": loaded.step, "data": OmegaConf.to_container(cfg.data),
-                   "probe": OmegaConf.to_container(cfg.probe)})
-    if loaded.run_dir:
-        write_text_atomic(loaded.run_dir / "probe_atari_ram.json", json.dumps(result, indent=1))
-        from torch.utils.tensorboard import SummaryWriter
 
-        with SummaryWriter(str(loaded.run_dir / "tb")) as writer:
-            writer.add_scalar("probe/ram_f1_mean", result["mean_f1"], loaded.step)
-            for r in result["variables"]:
-                writer.add_scalar(f"probe_ram/{r['game']}_{r['variable']}", r["f1"], loaded.step)
-    return result
+@register_target
+class AtariRam(EvalTarget):
+    name = "atari_ram"
+    summary = "weighted F1 of a linear probe per annotated Atari RAM variable, on held-out episodes"
+    result_type = RamProbeResult
+    result_file = "probe_atari_ram.json"
+    default_data = "atari_ram"  # configs/data/atari_ram.yaml: the built-in Atari frames, the probe's settings
+
+    def labelled_batches(self, cfg, split: str, spec) -> dict[str, StackBatches]:
+        per_game = cfg.probe.train_samples if split == "train" else cfg.probe.get("test_samples")
+        refs = select_refs(load_split(spec), per_game, cfg.probe.seed)
+        return {game: StackBatches(game_refs, cfg) for game, game_refs in refs.items()}
+
+    def pixels(self) -> torch.nn.Module:
+        return LastFramePixels()
+
+    def cache_key(self, cfg) -> list:
+        # the stacks are sampled before extraction (the classification target samples features after it)
+        return [cfg.probe.train_samples, cfg.probe.get("test_samples"), cfg.probe.seed]
+
+    def evaluate(self, features: dict, cfg) -> dict[str, Any]:
+        train, test = features["train"], features["test"]
+        missing = sorted(set(train) ^ set(test))
+        if missing:
+            raise UserError(f"games {missing} are in only one of the train and test splits")
+        return evaluate_ram({g: (train[g][0], train[g][1].numpy(), test[g][0], test[g][1].numpy())
+                             for g in sorted(train)}, cfg)

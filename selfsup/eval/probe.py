@@ -1,6 +1,7 @@
-"""`submit probe`: extract pooled features of a frozen backbone once (cached in the run folder),
-then a linear probe (lr / weight decay chosen on a validation split of train) and weighted k-NN,
-scored on the test split. Results: a table on stdout, probe.json, and TensorBoard."""
+"""`submit probe`: extract pooled features of a frozen backbone once (cached in the run folder) and
+hand them to the eval target that the data names (`data.eval_target`, selfsup.eval.targets), which
+fits its probe on the train split and scores it on the test split. Results: a table on stdout, the
+target's JSON file in the run folder, and TensorBoard."""
 
 from __future__ import annotations
 
@@ -16,9 +17,13 @@ from selfsup.core.atomic import write_atomic, write_text_atomic
 from selfsup.core.config_files import config_root, load_config, select_data
 from selfsup.core.errors import UserError
 from selfsup.core.overrides import parse_overrides, parse_value, set_key
+from selfsup.eval.targets import EvalTarget, ProbeResult, get_target
+
+PIXELS = "pixels"  # the raw-pixel baseline, as the eval target makes it
 
 
 def extract_features(backbone, loader, device: str | torch.device = "cpu", desc: str = "features"):
+    """Features of the batches' `image` and their `label`s, concatenated in order."""
     from tqdm import tqdm
 
     backbone.eval().to(device)
@@ -37,14 +42,19 @@ def probe_config(overrides: list[str], run_cfg: DictConfig | None) -> DictConfig
     cfg = OmegaConf.merge({"data": load_config(root / "defaults.yaml").data}, load_config(root / "probe.yaml"))
     pairs = parse_overrides(overrides)
     data_choice = dict(pairs).get("data")
-    if data_choice is None and run_cfg is not None and run_cfg.data.name != "shards":
-        data_choice = run_cfg.data.name
-    if data_choice is None and run_cfg is not None and run_cfg.method.name == "tov_vicreg":
-        data_choice = "atari_ram"  # a run on Atari shards: the RAM probe (data.train / data.test name the split folders)
+    run_target = run_eval_target(run_cfg, root) if run_cfg is not None and data_choice is None else None
+    if data_choice is None and run_cfg is not None:
+        # the run's own built-in data, else (a run on shards) the default data of its eval target
+        if run_cfg.data.name != "shards":
+            data_choice = run_cfg.data.name
+        elif run_target:
+            data_choice = get_target(run_target).default_data
     if data_choice is None and not any(k == "data.test" for k, _ in pairs):
-        data_choice = "fashion_mnist"
+        data_choice = cfg.data.name  # the default data (configs/defaults.yaml)
     if data_choice:
         cfg = select_data(cfg, data_choice)
+    if run_target:  # the run's data says what its features are scored on
+        cfg.data.eval_target = run_target
     if run_cfg is not None:  # probe at the resolution and normalisation the backbone was trained with
         for key in ("image_size", "mean", "std"):
             cfg.data[key] = run_cfg.data[key]
@@ -54,8 +64,19 @@ def probe_config(overrides: list[str], run_cfg: DictConfig | None) -> DictConfig
     return cfg
 
 
+def run_eval_target(run_cfg: DictConfig, config_root: Path) -> str | None:
+    """The eval target that a run's data names (None: not named)."""
+    name = run_cfg.data.get("eval_target")
+    if name is None:  # a run saved before data configs named their target: its method's config declares it
+        method_file = config_root / "method" / f"{run_cfg.method.name}.yaml"
+        name = OmegaConf.select(OmegaConf.load(method_file), "data.eval_target") if method_file.exists() else None
+    return name
+
+
 @dataclass
-class ProbeTarget:
+class ProbedBackbone:
+    """The frozen backbone that `submit probe` was given, and where it comes from."""
+
     backbone: torch.nn.Module
     identity: str  # names the weights, for the feature cache
     run_dir: Path | None = None
@@ -63,27 +84,16 @@ class ProbeTarget:
     step: int = 0
 
 
-class PixelFeatures(torch.nn.Module):
-    """The raw-pixel baseline: the normalised image, flattened (one channel when all three are equal,
-    as for grayscale data stored as RGB)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] == 3 and torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2]):
-            x = x[:, :1]
-        return x.flatten(1)
-
-
-def load_target(target: str, backbone_kwargs: dict | None = None) -> ProbeTarget:
-    """`pixels`, `random:<backbone>` (built with `backbone_kwargs`), a .safetensors export, a .ckpt, or a run folder."""
+def load_backbone(target: str, backbone_kwargs: dict | None = None) -> ProbedBackbone:
+    """`random:<backbone>` (built with `backbone_kwargs`), a .safetensors export, a .ckpt, or a run folder.
+    (The `pixels` baseline is made by the eval target: see run_probe.)"""
     from selfsup.backbones import create_backbone
 
-    if target == "pixels":
-        return ProbeTarget(PixelFeatures(), "pixels")
     if target.startswith("random:"):
         name = target.split(":", 1)[1]
         torch.manual_seed(0)
         kwargs = dict(backbone_kwargs or {})
-        return ProbeTarget(create_backbone(name, **kwargs), f"random:{name}:{json.dumps(kwargs, sort_keys=True)}")
+        return ProbedBackbone(create_backbone(name, **kwargs), f"random:{name}:{json.dumps(kwargs, sort_keys=True)}")
     path = Path(target)
     if path.suffix == ".safetensors":
         from selfsup.export import load_export
@@ -91,7 +101,7 @@ def load_target(target: str, backbone_kwargs: dict | None = None) -> ProbeTarget
         state, meta = load_export(path)
         backbone = create_backbone(meta["backbone"], **json.loads(meta.get("backbone_kwargs") or "{}"))
         backbone.net.load_state_dict(state, strict=True)
-        return ProbeTarget(backbone, _file_identity(path), step=int(meta.get("global_step") or 0))
+        return ProbedBackbone(backbone, _file_identity(path), step=int(meta.get("global_step") or 0))
     from selfsup.export import backbone_state_dict, load_checkpoint
 
     ckpt = load_checkpoint(path)
@@ -100,8 +110,8 @@ def load_target(target: str, backbone_kwargs: dict | None = None) -> ProbeTarget
     backbone.net.load_state_dict(backbone_state_dict(ckpt), strict=True)
     run_dir = path if path.is_dir() else (path.parent.parent if path.parent.name == "checkpoints" else None)
     ckpt_file = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
-    return ProbeTarget(backbone, _file_identity(ckpt_file), run_dir,
-                       OmegaConf.create(meta["config"]) if meta.get("config") else None, int(ckpt.get("global_step", 0)))
+    return ProbedBackbone(backbone, _file_identity(ckpt_file), run_dir,
+                          OmegaConf.create(meta["config"]) if meta.get("config") else None, int(ckpt.get("global_step", 0)))
 
 
 def _file_identity(path: Path) -> str:
@@ -109,52 +119,28 @@ def _file_identity(path: Path) -> str:
     return f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def probe_features(backbone, cfg: DictConfig, cache_dir: Path | None, identity: str):
-    """(train_x, train_y, test_x, test_y), from the cache when this backbone and data were seen."""
-    from selfsup.data.stream import eval_loader, resolve_split
-    from selfsup.data.views import eval_view
+def probe_features(backbone, cfg: DictConfig, eval_target: EvalTarget, cache_dir: Path | None, identity: str):
+    """{split: {group: (x, labels)}} of the train and test splits as the eval target reads them, from
+    the cache when this backbone, target and data were seen."""
+    from selfsup.data.stream import resolve_split
 
-    view = eval_view(cfg.data.image_size, cfg.data.mean, cfg.data.std)
     specs = {split: resolve_split(cfg.data, split) for split in ("train", "test")}
-    key = hashlib.sha1(json.dumps([identity, {k: str(v) for k, v in specs.items()}, cfg.data.image_size,
-                                   list(cfg.data.mean), list(cfg.data.std)]).encode()).hexdigest()[:16]
+    key = hashlib.sha1(json.dumps([identity, eval_target.name, {k: str(v) for k, v in specs.items()},
+                                   cfg.data.image_size, list(cfg.data.mean), list(cfg.data.std),
+                                   *eval_target.cache_key(cfg)]).encode()).hexdigest()[:16]
     cache = cache_dir / f"features-{key}.pt" if cache_dir else None
     if cache and cache.exists():
-        return tuple(torch.load(cache, weights_only=True))
+        return torch.load(cache, weights_only=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = []
+    out = {}
     for split in ("train", "test"):
-        loader = eval_loader(specs[split], view, batch_size=cfg.probe.batch_size, num_workers=cfg.data.num_workers)
-        out += list(extract_features(backbone, loader, device, desc=f"features {split}"))
+        groups = eval_target.labelled_batches(cfg, split, specs[split])
+        out[split] = {group: extract_features(backbone, batches, device,
+                                              desc=f"features {split}" + (f" {group}" if len(groups) > 1 else ""))
+                      for group, batches in groups.items()}
     if cache:
         write_atomic(cache, lambda temporary: torch.save(out, temporary))
-    return tuple(out)
-
-
-def evaluate(train_x, train_y, test_x, test_y, cfg: DictConfig) -> dict:
-    from selfsup.eval.linear import knn_probe, linear_probe
-
-    p = cfg.probe
-    if p.train_samples and p.train_samples < len(train_x):
-        keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(p.seed))[: p.train_samples]
-        train_x, train_y = train_x[keep], train_y[keep]
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
-    linear = linear_probe(train_x, train_y, test_x, test_y, num_classes, max_iter=p.max_iter,
-                          val_fraction=p.val_fraction, select_samples=p.select_samples, seed=p.seed,
-                          weight_decays=tuple(p.weight_decays))
-    knn = knn_probe(train_x, train_y, test_x, test_y, num_classes, k=p.knn_k, temperature=p.knn_temperature)
-    return {"linear": linear, "knn": knn, "train_samples": len(train_x), "test_samples": len(test_x),
-            "feature_dim": int(train_x.shape[1])}
-
-
-def format_table(result: dict, title: str) -> str:
-    lin, knn = result["linear"], result["knn"]
-    return "\n".join([
-        f"probe of {title}  ({result['train_samples']} train / {result['test_samples']} test, {result['feature_dim']}-d features)",
-        f"  {'':<26}{'top-1':>8}{'top-5':>8}",
-        f"  {'linear (chosen on val)':<26}{lin['top1']:>8.2f}{lin['top5']:>8.2f}   wd={lin['chosen']['weight_decay']:g}",
-        f"  {'k-NN (k=%d, T=%g)' % (knn['k'], knn['temperature']):<26}{knn['top1']:>8.2f}{knn['top5']:>8.2f}",
-    ])
+    return out
 
 
 def backbone_kwargs(overrides: list[str]) -> dict:
@@ -164,46 +150,39 @@ def backbone_kwargs(overrides: list[str]) -> dict:
     return {k[len(prefix):]: parse_value(v) for k, v in parse_overrides(overrides) if k.startswith(prefix)}
 
 
-def run_probe(target: str, overrides: list[str]) -> dict:
+def run_probe(target: str, overrides: list[str]) -> ProbeResult:
     kwargs = backbone_kwargs(overrides)
     if kwargs and not target.startswith("random:"):
         raise UserError("backbone.kwargs.* only applies to random:<backbone> (a trained target carries its own)")
-    loaded = load_target(target, kwargs)
+    loaded = None if target == PIXELS else load_backbone(target, kwargs)
     overrides = [o for o in overrides if not o.startswith("backbone.kwargs.")]
-    cfg = probe_config(overrides, loaded.run_cfg)
-    from selfsup.eval.atari_ram import ATARI_DATA, run_ram_probe
-
-    if cfg.data.name in ATARI_DATA:
-        return run_ram_probe(loaded, cfg, target)
+    cfg = probe_config(overrides, loaded.run_cfg if loaded else None)
+    eval_target = get_target(cfg.data.eval_target)
+    if loaded is None:  # the raw-pixel baseline: the eval target knows what its inputs' pixels are
+        loaded = ProbedBackbone(eval_target.pixels(), f"{PIXELS}:{eval_target.name}")
     cache_dir = loaded.run_dir / "probe" if loaded.run_dir else None
-    features = probe_features(loaded.backbone, cfg, cache_dir, loaded.identity)
-    result = evaluate(*features, cfg)
-    result.update({"target": target, "global_step": loaded.step, "data": OmegaConf.to_container(cfg.data),
-                   "probe": OmegaConf.to_container(cfg.probe)})
+    features = probe_features(loaded.backbone, cfg, eval_target, cache_dir, loaded.identity)
+    record = eval_target.evaluate(features, cfg)
+    record.update({"eval_target": eval_target.name, "target": target, "global_step": loaded.step,
+                   "data": OmegaConf.to_container(cfg.data), "probe": OmegaConf.to_container(cfg.probe)})
+    result = eval_target.result_type(eval_target.name, record)
     if loaded.run_dir:
-        write_text_atomic(loaded.run_dir / "probe.json", json.dumps(result, indent=1))
-        _log_tensorboard(loaded.run_dir, result, loaded.step)
+        write_text_atomic(loaded.run_dir / eval_target.result_file, json.dumps(result.record, indent=1))
+        _log_tensorboard(loaded.run_dir, result.scalars(), loaded.step)
     return result
 
 
-def _log_tensorboard(run_dir: Path, result: dict, step: int) -> None:
+def _log_tensorboard(run_dir: Path, scalars: dict[str, float], step: int) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(run_dir / "tb")) as writer:
-        writer.add_scalar("probe/linear_top1", result["linear"]["top1"], step)
-        writer.add_scalar("probe/linear_top5", result["linear"]["top5"], step)
-        writer.add_scalar("probe/knn_top1", result["knn"]["top1"], step)
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, step)
 
 
 def run_probe_command(target: str, overrides: list[str]) -> int:
-    if target != "pixels" and not target.startswith("random:") and not Path(target).exists():
+    if target != PIXELS and not target.startswith("random:") and not Path(target).exists():
         raise UserError(f"{target!r} does not exist (give a run folder, a .ckpt, a .safetensors export, "
                         "random:<backbone> or pixels)")
-    result = run_probe(target, overrides)
-    if "mean_f1" in result:
-        from selfsup.eval.atari_ram import format_ram_table
-
-        print(format_ram_table(result, target))
-    else:
-        print(format_table(result, target))
+    print(run_probe(target, overrides).table(target))
     return 0

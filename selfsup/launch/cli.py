@@ -16,7 +16,7 @@ EPILOG = """examples:
   submit export runs/rotnet-convnet4-20261126-101500 -o backbone.safetensors
   submit shards ./my_images ./my_shards
   submit continual contracon cct_6_3x2 data=split_fashion_mnist tasks=5   # ConTraCon, tasks learnt in order
-  submit shards atari ./atari --games Pong,Breakout --frames 100000    # ordered episodes for tov_vicreg
+  submit shards atari ./atari_shards --games Pong,Breakout --frames 100000   # ordered episodes for tov_vicreg
   submit pretrain spark convnext_b cluster=slurm nodes=4 gpus_per_node=8 strategy=deepspeed_stage_2 --dry-run
   submit status runs/spark-convnext_b-20261126-101500          # its Slurm job(s); `submit status`: recent runs
   submit logs runs/spark-convnext_b-20261126-101500
@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and the task split without running")
 
     p = sub.add_parser("shards", help="write WebDataset shards from an image folder, a built-in dataset or Atari play")
-    p.add_argument("source", help="an image folder (class sub-folders give labels), a built-in dataset name, or "
-                                  "`atari` (play games with ale-py: ordered episodes of 84x84 frames + RAM)")
+    p.add_argument("source", help="a built-in dataset name (both splits), `atari` (play games with ale-py: ordered "
+                                  "episodes of 84x84 frames + RAM), or an image folder (class sub-folders give labels; "
+                                  "a folder named like built-in data is ./NAME, the built-in data beside it builtin:NAME)")
     p.add_argument("output", help="the folder to write the shards into")
     p.add_argument("--samples-per-shard", type=int, default=None,
                    help="samples per shard (default 5000; atari: 20 episode chunks of 256 frames)")

@@ -132,14 +132,39 @@ def export(args) -> int:
     return 0
 
 
-def shards(args) -> int:
-    if args.source == "atari" and not Path("atari").exists():
-        from selfsup.data.atari import report_line, write_atari_shards
+BUILTIN_PREFIX = "builtin:"  # `submit shards builtin:NAME OUT`: the built-in data NAME, even beside a folder NAME
 
-        report = write_atari_shards(args.output, args.games.split(","), frames=args.frames, test_frames=args.test_frames,
-                                    seed=args.seed, samples_per_shard=args.samples_per_shard or 20,
-                                    max_episode_frames=args.max_episode_frames)
-        print(report_line(report, args.output))
+
+def shard_source(source: str):
+    """The built-in data (a selfsup.data.kinds.DataKind) that SOURCE of `submit shards` names, or None
+    for an image folder. A registered name means that data wherever the command runs, and a folder is
+    given as a path (with a `/`, or starting with `.`); a bare name that is also a folder here is
+    refused rather than guessed."""
+    from selfsup.data.kinds import find_kind, kind_names
+    from selfsup.core.errors import unknown_choice
+
+    if source.startswith(BUILTIN_PREFIX):
+        kind = find_kind(source[len(BUILTIN_PREFIX):])
+        if kind is None:
+            raise unknown_choice("built-in data", source[len(BUILTIN_PREFIX):], kind_names())
+        return kind
+    if "/" in source or source.startswith("."):
+        return None
+    kind = find_kind(source)
+    if kind is None:
+        if not Path(source).exists():
+            raise unknown_choice("shard source (built-in data, or an image folder such as ./images)", source, kind_names())
+        return None
+    if Path(source).is_dir():
+        raise UserError(f"{source!r} is both built-in data and the folder ./{source} here: "
+                        f"write ./{source} for the folder or {BUILTIN_PREFIX}{source} for the built-in data")
+    return kind
+
+
+def shards(args) -> int:
+    kind = shard_source(args.source)
+    if kind is not None:
+        print(kind.write(Path(args.output), vars(args)))
         return 0
     from selfsup.data.shards import write_shards_from
 

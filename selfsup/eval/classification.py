@@ -1,0 +1,78 @@
+"""The image-classification target: a linear probe (lr / weight decay chosen on a validation split
+of train) and weighted k-NN on features of labelled image shards, top-1 / top-5 on the test split."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from selfsup.eval.targets import EvalTarget, ProbeResult, register_target
+
+GROUP = "all"  # the classes are scored together: one group
+
+
+class PixelFeatures(torch.nn.Module):
+    """The raw-pixel baseline: the normalised image, flattened (one channel when all three are equal,
+    as for grayscale data stored as RGB)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 3 and torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2]):
+            x = x[:, :1]
+        return x.flatten(1)
+
+
+def evaluate(train_x, train_y, test_x, test_y, cfg) -> dict:
+    from selfsup.eval.linear import knn_probe, linear_probe
+
+    p = cfg.probe
+    if p.train_samples and p.train_samples < len(train_x):
+        keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(p.seed))[: p.train_samples]
+        train_x, train_y = train_x[keep], train_y[keep]
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    linear = linear_probe(train_x, train_y, test_x, test_y, num_classes, max_iter=p.max_iter,
+                          val_fraction=p.val_fraction, select_samples=p.select_samples, seed=p.seed,
+                          weight_decays=tuple(p.weight_decays))
+    knn = knn_probe(train_x, train_y, test_x, test_y, num_classes, k=p.knn_k, temperature=p.knn_temperature)
+    return {"linear": linear, "knn": knn, "train_samples": len(train_x), "test_samples": len(test_x),
+            "feature_dim": int(train_x.shape[1])}
+
+
+def format_table(result, title: str) -> str:
+    lin, knn = result["linear"], result["knn"]
+    return "\n".join([
+        f"probe of {title}  ({result['train_samples']} train / {result['test_samples']} test, {result['feature_dim']}-d features)",
+        f"  {'':<26}{'top-1':>8}{'top-5':>8}",
+        f"  {'linear (chosen on val)':<26}{lin['top1']:>8.2f}{lin['top5']:>8.2f}   wd={lin['chosen']['weight_decay']:g}",
+        f"  {'k-NN (k=%d, T=%g)' % (knn['k'], knn['temperature']):<26}{knn['top1']:>8.2f}{knn['top5']:>8.2f}",
+    ])
+
+
+class ClassificationResult(ProbeResult):
+    def table(self, title: str) -> str:
+        return format_table(self, title)
+
+    def scalars(self) -> dict[str, float]:
+        return {"probe/linear_top1": self["linear"]["top1"], "probe/linear_top5": self["linear"]["top5"],
+                "probe/knn_top1": self["knn"]["top1"]}
+
+
+@register_target
+class ImageClassification(EvalTarget):
+    name = "classification"
+    summary = "top-1 / top-5 of a linear probe and k-NN on the classes of labelled images"
+    result_type = ClassificationResult
+    result_file = "probe.json"
+
+    def labelled_batches(self, cfg, split: str, spec) -> dict:
+        from selfsup.data.stream import eval_loader
+        from selfsup.data.views import eval_view
+
+        view = eval_view(cfg.data.image_size, cfg.data.mean, cfg.data.std)
+        return {GROUP: eval_loader(spec, view, batch_size=cfg.probe.batch_size, num_workers=cfg.data.num_workers)}
+
+    def pixels(self) -> torch.nn.Module:
+        return PixelFeatures()
+
+    def evaluate(self, features: dict, cfg) -> dict[str, Any]:
+        return evaluate(*features["train"][GROUP], *features["test"][GROUP], cfg)

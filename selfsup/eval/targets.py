@@ -1,0 +1,107 @@
+"""Evaluation targets: what the features of a frozen backbone are scored on, found by name.
+
+A data config names its target (`data.eval_target`, configs/data/*.yaml; the default is in
+configs/defaults.yaml), so a run on Atari frames is probed on RAM variables and a run on labelled
+images on their classes, without the probe knowing either. A target reads its labelled data as
+batches of `image` and `label`, the probe's shared extraction turns them into features, and the
+target fits and scores its probe on those features. Adding a target is a module that calls
+`register_target`, listed in TARGET_MODULES; nothing else is edited.
+
+Cheap to import (no torch): the target modules are imported on the first look-up.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, ClassVar
+
+from selfsup.core.errors import unknown_choice
+
+# the modules that register the targets (imported on the first look-up, not by this module's import:
+# they import torch, and they import this module)
+TARGET_MODULES = ("selfsup.eval.classification", "selfsup.eval.atari_ram")
+
+
+class ProbeResult(Mapping[str, Any]):
+    """The scores of one target's probe: the JSON record it writes into the run folder, read as a
+    mapping (`result["linear"]["top1"]`), tagged with the name of the target that made it."""
+
+    def __init__(self, eval_target: str, record: dict[str, Any]):
+        self.eval_target = eval_target
+        self.record = record
+
+    def __getitem__(self, key: str) -> Any:
+        return self.record[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.record)
+
+    def __len__(self) -> int:
+        return len(self.record)
+
+    @abstractmethod
+    def table(self, title: str) -> str:
+        """The result as the table `submit probe` prints."""
+
+    @abstractmethod
+    def scalars(self) -> dict[str, float]:
+        """TensorBoard tag -> value."""
+
+
+class EvalTarget(ABC):
+    """One kind of evaluation. Features arrive as `{split: {group: (x [N, D], labels [N, ...])}}` for
+    the splits `train` and `test`; a group is a part scored on its own (e.g. one Atari game)."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    result_type: ClassVar[type[ProbeResult]]
+    result_file: ClassVar[str]  # written into the probed run's folder
+    # the data config (configs/data/<name>.yaml) that a run on shards with this target is probed on
+    # when no data is given; None: the default data of configs/defaults.yaml
+    default_data: ClassVar[str | None] = None
+
+    @abstractmethod
+    def labelled_batches(self, cfg, split: str, spec) -> Mapping[str, Iterable[dict]]:
+        """group -> batches (`image`: normalised floats, `label`: a tensor) of the split stored at `spec`."""
+
+    @abstractmethod
+    def pixels(self):
+        """The raw-pixel baseline of this target's inputs, as a feature extractor (an nn.Module)."""
+
+    @abstractmethod
+    def evaluate(self, features: dict, cfg) -> dict[str, Any]:
+        """Fit the probe on the train features and score it on the test features: the JSON record."""
+
+    def cache_key(self, cfg) -> list:
+        """Settings, besides the data and the backbone, that change which features are extracted."""
+        return []
+
+
+_REGISTRY: dict[str, EvalTarget] = {}
+
+
+def register_target(cls: type[EvalTarget]) -> type[EvalTarget]:
+    """Class decorator: register one instance of `cls` under `cls.name`."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"eval target {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def _import_targets() -> None:
+    for module in TARGET_MODULES:
+        importlib.import_module(module)
+
+
+def target_names() -> list[str]:
+    _import_targets()
+    return sorted(_REGISTRY)
+
+
+def get_target(name: str) -> EvalTarget:
+    _import_targets()
+    if name not in _REGISTRY:
+        raise unknown_choice("eval target (data.eval_target)", name, _REGISTRY)
+    return _REGISTRY[name]
