@@ -119,3 +119,26 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path):
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
     proc = run_submit("pretrain", "rotnet", "resnet_tiny", f"resume={tmp_path}")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_pretrain_and_continual_resume_a_named_run_from_its_saved_config(tmp_path):
+    import pytest
+
+    from selfsup.continual.config import compose as compose_continual
+    from selfsup.core.errors import UserError
+    from selfsup.core.run_folder import write_run_config
+    from selfsup.launch.config import compose as compose_pretrain
+    from selfsup.launch.run_config import resolve_run
+
+    for method, backbone, compose, key in [("rotnet", "resnet_tiny", compose_pretrain, "optim.lr"),
+                                           ("contracon", "cct_tiny_test", compose_continual, "continual.lr")]:
+        named = [f"run_dir={tmp_path}", f"run_name={method}"]
+        cfg, folder, resumed = resolve_run(method, backbone, [*named, f"{key}=0.125"], compose)
+        assert not resumed and folder == tmp_path / method
+        write_run_config(folder, cfg)
+        cfg, again, resumed = resolve_run(method, backbone, named, compose)
+        assert resumed and again == folder and OmegaConf.select(cfg, key) == 0.125 and cfg.resume == str(folder)
+        cfg, _, _ = resolve_run(method, backbone, [f"resume={folder}", f"{key}=0.5"], compose)
+        assert OmegaConf.select(cfg, key) == 0.5
+    with pytest.raises(UserError, match="run folder .* is a rotnet resnet_tiny run, not obow resnet_tiny"):
+        resolve_run("obow", "resnet_tiny", [f"run_dir={tmp_path}", "run_name=rotnet"], compose_pretrain)

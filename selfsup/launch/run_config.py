@@ -22,15 +22,16 @@ def resolve_run(method: str, backbone: str, overrides: list[str], compose: Compo
     a new run in a new folder."""
     resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
     rest = [o for o in overrides if not o.startswith("resume=")]
+    given = f"resume={resume!r}"
     if resume is None:
         cfg = compose(method, backbone, rest)
         folder = new_run_dir(cfg)
         if not is_run_folder(folder):
             return cfg, folder, False
-        resume = str(folder)
-    base = load_run_config(resume, name=f"resume={resume!r}")
+        resume, given = str(folder), f"run folder {str(folder)!r}"
+    base = load_run_config(resume, name=given)
     if (base.method.name, base.backbone.name) != (method, backbone):
-        raise UserError(f"resume={resume!r} is a {base.method.name} {base.backbone.name} run, not {method} {backbone}")
+        raise UserError(f"{given} is a {base.method.name} {base.backbone.name} run, not {method} {backbone}")
     restore_requested_precision(base)  # `auto` is resolved again on the machine that resumes
     cfg = compose(method, backbone, rest, base=base)
     cfg.resume = resume
