@@ -64,8 +64,9 @@ class SSLMethod(pl.LightningModule):
       registry and the optional online probe), then builds its heads;
     - `pretext_step(batch) -> PretextOutput`: the loss of one batch, its logged terms, the probe's
       features and the picture data (see `PretextOutput`);
-    - `train_view() -> TrainView` (optional; default: `method.view` of the base): the view the data
-      layer applies to every sample (the Protocol of selfsup.data.contract);
+    - `train_view() -> TrainView` (optional; default: the crop-and-flip or resized-crop view that
+      `method.view` names): the view the data layer applies to every sample (the Protocol of
+      selfsup.data.contract);
     - `log_pictures(batch, out)` (optional): pictures for TensorBoard;
     - `teachers() -> [(student, teacher), ...]` (optional): EMA teachers, each a module whose
       parameters have `requires_grad=False` and match its student's one for one; with
@@ -91,7 +92,7 @@ class SSLMethod(pl.LightningModule):
       the run first: `trainer.max_steps`, or `trainer.max_epochs` times the optimizer steps per
       epoch) and its warm-up, known from `configure_optimizers` on;
     - the weight-decay schedule (`optim.weight_decay_end`), `update_teachers()`, and the checkpoint
-      metadata that `submit export` reads.
+      metadata that `submit export` reads (it exports `self.backbone` alone).
     """
 
     name = "base"
