@@ -42,7 +42,8 @@ class BareLoop:
         self.module = method_class(cfg.method.name)(cfg)
         # configure_optimizers reads the run length and batch geometry from the trainer; give it those alone
         object.__setattr__(self.module, "_trainer", SimpleNamespace(
-            estimated_stepping_batches=total_steps, max_epochs=1, world_size=1, accumulate_grad_batches=1))
+            estimated_stepping_batches=total_steps, max_epochs=1, max_steps=-1, world_size=1,
+            accumulate_grad_batches=1, train_dataloader=(), num_training_batches=total_steps))
         conf = self.module.configure_optimizers()
         object.__setattr__(self.module, "_trainer", None)
         self.optimizer, self.scheduler = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
@@ -50,6 +51,7 @@ class BareLoop:
         self.bf16 = cfg.trainer.precision == "bf16-mixed"
 
     def step(self, batch: dict) -> None:
+        self.module.update_teachers()  # what the base's training_step does first (nothing without teachers)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             loss = self.module.pretext_step(batch)["loss"]
         self.optimizer.zero_grad(set_to_none=True)

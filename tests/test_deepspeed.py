@@ -16,10 +16,10 @@ from selfsup.launch.strategies import (
     build_strategy,
     check_strategy,
     deepspeed_config,
-    ema_update_,
     teacher_modules,
     TeachersInFP32,
 )
+from selfsup.ssl.ema import ema_update_
 
 TINY = ["rotnet", "resnet_tiny", "data=digits", "data.batch_size=16", "data.num_workers=0"]
 
@@ -144,7 +144,7 @@ class _WithTeacher(nn.Module):
 def test_teachers_are_found_and_refused_under_zero3():
     model = _WithTeacher()
     assert teacher_modules(model) == [model.teacher]
-    model.teacher_modules = lambda: [model.student]  # a method can name them itself
+    model.teachers = lambda: [(model.teacher, model.student)]  # a method declares its (student, teacher) pairs
     assert teacher_modules(model) == [model.student]
     with pytest.raises(UserError, match="ZeRO-3"):
         build_strategy(_cfg("strategy=deepspeed_stage_3"), _WithTeacher())

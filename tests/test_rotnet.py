@@ -51,5 +51,6 @@ def test_pretext_never_reads_class_labels():
     images = torch.randn(4, 3, 32, 32)
     a = model.pretext_step({"image": images, "label": torch.tensor([0, 1, 2, 3])})
     b = model.pretext_step({"image": images, "label": torch.zeros(4, dtype=torch.long)})
-    assert torch.equal(a["inputs"], b["inputs"]) and torch.equal(a["labels"], b["labels"])
+    assert torch.equal(a["pictures"]["inputs"], b["pictures"]["inputs"])
+    assert torch.equal(a["pictures"]["labels"], b["pictures"]["labels"])
     assert torch.equal(a["loss"], b["loss"])

@@ -96,14 +96,15 @@ def test_one_step_shapes_terms_and_gradients_everywhere():
     torch.manual_seed(0)
     module = tiny()
     out = module.pretext_step(two_view_batch(b=6))
-    assert set(TASKS) <= set(out)
-    assert out["contrastive"].item() == pytest.approx(torch.log(torch.tensor(11.0)).item(), abs=0.05)  # ~ln(2B - 1)
-    assert out["rotation"].item() == pytest.approx(torch.log(torch.tensor(4.0)).item(), abs=0.1)
+    terms = out["terms"]
+    assert set(TASKS) <= set(terms)
+    assert terms["contrastive"].item() == pytest.approx(torch.log(torch.tensor(11.0)).item(), abs=0.05)  # ~ln(2B - 1)
+    assert terms["rotation"].item() == pytest.approx(torch.log(torch.tensor(4.0)).item(), abs=0.1)
     assert out["features"].shape == (6, 32)
-    assert out["_reconstruction"].shape == out["_clean"].shape == (6, 3, 32, 32)
-    assert out["factor_rotation"].item() == pytest.approx(0.3679, abs=1e-4)
-    assert out["factor_reconstruction"].item() == pytest.approx(0.6065, abs=1e-4)
-    expected = sum(out[f"factor_{t}"] * out[t] + 0.5 * out[f"s_{t}"] for t in TASKS)
+    assert out["pictures"]["reconstruction"].shape == out["pictures"]["clean"].shape == (6, 3, 32, 32)
+    assert terms["factor_rotation"].item() == pytest.approx(0.3679, abs=1e-4)
+    assert terms["factor_reconstruction"].item() == pytest.approx(0.6065, abs=1e-4)
+    expected = sum(terms[f"factor_{t}"] * terms[t] + 0.5 * terms[f"s_{t}"] for t in TASKS)
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     out["loss"].backward()
     missing = [n for n, p in module.named_parameters()
@@ -111,7 +112,7 @@ def test_one_step_shapes_terms_and_gradients_everywhere():
     assert missing == []  # the extra token, CLS, every head and the three s_t all learn
     # d/ds_t = -a_t e^{-a_t s_t} L_t + 1/2
     for i, (task, a) in enumerate(zip(TASKS, (1.0, 1.0, 0.5), strict=True)):
-        want = -a * out[f"factor_{task}"].item() * out[task].item() + 0.5
+        want = -a * terms[f"factor_{task}"].item() * terms[task].item() + 0.5
         assert module.uncertainty.grad[i].item() == pytest.approx(want, rel=1e-4, abs=1e-6)
 
 
@@ -122,20 +123,20 @@ def test_a_short_last_batch_and_class_labels_are_not_used():
     a = module.pretext_step(batch)
     torch.manual_seed(1)
     b = module.pretext_step({**batch, "label": torch.tensor([0, 1, 2])})
-    assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["_corrupted"], b["_corrupted"])
+    assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["pictures"]["corrupted"], b["pictures"]["corrupted"])
 
 
 def test_the_loss_sees_corrupted_inputs_and_clean_targets():
     module = tiny().eval()
     batch = two_view_batch(b=4)
     torch.manual_seed(2)
-    out = module.pretext_step(batch)
+    out = module.pretext_step(batch)["pictures"]
     from selfsup.ssl.sit.corruption import rotate_v1
 
-    assert torch.equal(out["_clean"], rotate_v1(batch["view1"], out["_rotation"]))  # the clean rotated view
-    assert not torch.equal(out["_corrupted"], out["_clean"])
-    recon = module.encode(out["_corrupted"])["reconstruction"]
-    assert torch.allclose(recon, out["_reconstruction"], atol=1e-5)  # reconstructed from the corrupted input
+    assert torch.equal(out["clean"], rotate_v1(batch["view1"], out["rotation"]))  # the clean rotated view
+    assert not torch.equal(out["corrupted"], out["clean"])
+    recon = module.encode(out["corrupted"])["reconstruction"]
+    assert torch.allclose(recon, out["reconstruction"], atol=1e-5)  # reconstructed from the corrupted input
 
 
 @pytest.mark.parametrize("export_token", ["contrastive", "rotation"])

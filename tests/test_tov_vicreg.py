@@ -174,7 +174,7 @@ def test_step_gradients_reach_encoder_and_head(backbone):
     out["loss"].backward()
     assert module.temporal_head.linear.weight.grad.abs().sum() > 0
     assert all(p.grad is not None for p in module.backbone.parameters() if p.requires_grad)
-    assert 0.0 <= out["temporal_acc"].item() <= 1.0
+    assert 0.0 <= out["terms"]["temporal_acc"].item() <= 1.0
 
 
 def test_temporal_weight_zero_is_plain_vicreg():
@@ -184,7 +184,8 @@ def test_temporal_weight_zero_is_plain_vicreg():
     out = module.pretext_step(batch)
     out["loss"].backward()
     assert module.temporal_head.linear.weight.grad.abs().sum() == 0
-    expected = 10 * out["invariance"] + 10 * out["variance"] + 10 * out["covariance"]
+    terms = out["terms"]
+    expected = 10 * terms["invariance"] + 10 * terms["variance"] + 10 * terms["covariance"]
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 

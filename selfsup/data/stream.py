@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import LightningDataModule
 
+from selfsup.data.contract import TrainView, as_train_view
 from selfsup.data.shards import read_index
 from selfsup.data.tarstream import use_fast_tar_reader
 from selfsup.data.views import ViewCollate
@@ -100,8 +101,8 @@ def decode_image(data: bytes, ext: str = "jpg") -> torch.Tensor:
 class SampleDecoder:
     """Decodes one webdataset sample to `{"key", "label", **view(image)}`; returns None (and counts
     it) when the image cannot be decoded or the view fails on it. `stage="sample"` runs only the
-    per-image stage of a two-stage view (`View.sample`, uint8 tensors; the batch stage then runs on
-    the training device); `"full"` gives the finished, normalised tensors."""
+    per-image stage of a two-stage view (`TrainView.sample`, uint8 tensors; the batch stage then runs
+    on the training device); `"full"` gives the finished, normalised tensors."""
 
     def __init__(self, view: Callable, skipped: multiprocessing.Value, stage: str = "full"):
         self.view = view
@@ -231,13 +232,15 @@ def make_stream(urls, decoder, *, batch_size, num_workers, shuffle_buffer, resam
 
 
 class ShardDataModule(LightningDataModule):
-    """Training batches for a method: shards -> decode -> the method's view -> batched dicts."""
+    """Training batches for a method: shards -> decode -> the method's view -> batched dicts. The view
+    is a `TrainView` (selfsup.data.contract); a plain callable counts as a one-stage view."""
 
-    def __init__(self, data_cfg, train_view: Callable, seed: int = 0):
+    def __init__(self, data_cfg, train_view: TrainView | Callable | None, seed: int = 0):
         super().__init__()
         self.cfg = data_cfg
         self.train_view = train_view
         self.seed = seed
+        self._view: TrainView | None = None  # the view of the current stream (batch stage after transfer)
         self.skipped = multiprocessing.get_context("fork").Value("l", 0)
         self.train_spec = resolve_split(data_cfg, "train")
         self.urls = expand_urls(self.train_spec)
@@ -256,24 +259,22 @@ class ShardDataModule(LightningDataModule):
             return trainer.strategy.root_device.type == "cuda"
         return torch.cuda.is_available()
 
-    def train_view_in_use(self):
-        """The method's view with `data.gpu_augment` applied (a two-stage View), or the view as given.
-        Without a GPU to train on, the batched augmentations run in the workers, on each batch."""
-        view = self.train_view
-        if hasattr(view, "with_gpu_augment"):
-            on = bool(self.cfg.get("gpu_augment", False))
-            view = view.with_gpu_augment(on, in_workers=on and not self.training_on_gpu())
-        return view
+    def train_view_in_use(self) -> TrainView:
+        """The method's view with `data.gpu_augment` applied (a view without batched augmentation is
+        unchanged). Without a GPU to train on, the batched augmentations run in the workers, on each batch."""
+        view = as_train_view(self.train_view)
+        on = bool(self.cfg.get("gpu_augment", False))
+        return view.with_gpu_augment(on, in_workers=on and not self.training_on_gpu())
 
     def train_dataloader(self):
         rank, _ = world()
         view = self._view = self.train_view_in_use()
-        if hasattr(view, "stream_stages"):  # a view over stored sequences (temporal samples)
-            expand, decoder = view.stream_stages(self.skipped)
+        stages = view.stream_stages(self.skipped)  # a view over stored sequences (temporal samples)
+        if stages is not None:
+            expand, decoder = stages
         else:
-            stage = "sample" if hasattr(view, "batch") else "full"
-            expand, decoder = None, SampleDecoder(view, self.skipped, stage=stage)
-        collation_fn = ViewCollate(view, collate) if hasattr(view, "worker_batch") else collate
+            expand, decoder = None, SampleDecoder(view, self.skipped, stage="sample" if view.two_stage else "full")
+        collation_fn = ViewCollate(view, collate) if view.two_stage else collate
         return make_stream(
             self.urls,
             decoder,
@@ -291,8 +292,8 @@ class ShardDataModule(LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """The batch stage of a two-stage view, on the training device: uint8 -> normalised floats, and
         with data.gpu_augment the photometric augmentations of whole batches."""
-        view = getattr(self, "_view", None)
-        if view is not None and hasattr(view, "batch") and isinstance(batch, dict):
+        view = self._view
+        if view is not None and view.two_stage and isinstance(batch, dict):
             batch = view.batch(batch)
         return batch
 

@@ -23,6 +23,7 @@ import torch
 from torchvision.transforms import v2
 
 from selfsup.data.atari import Chunk, decode_chunk
+from selfsup.data.contract import ViewDefaults
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,11 @@ def tov_transforms(image_size: int = 84, crop_scale=(0.08, 1.0), flip: float = 0
     return a1, a2, a3
 
 
-class TemporalView:
+class TemporalView(ViewDefaults):
     """The training view of TOV-VICReg: a (chunk, t) reference -> {x, y, z, w} (+ where they came
     from: episode, starts). `augment=False` gives the raw stacks as [0, 1] floats (tests, pictures).
-    Used by the shard stream through `stream_stages`."""
+    A one-stage `TrainView` (selfsup.data.contract) over stored episode chunks: the shard stream
+    expands and decodes them through `stream_stages`."""
 
     def __init__(self, image_size: int = 84, crop_scale=(0.08, 1.0), augment: bool = True, flip: float = 0.5):
         self.augment = augment

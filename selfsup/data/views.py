@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+from selfsup.data.contract import ViewDefaults
+
 
 def to_float(mean: Sequence[float], std: Sequence[float]) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
@@ -233,11 +235,14 @@ def _one_cpu_thread(device):
         torch.set_num_threads(threads)
 
 
-class View:
+class View(ViewDefaults):
     """A method's view: named branches, normalisation, and where the photometric part runs:
     per image in the workers (torchvision.transforms.v2; the default), or with `gpu_augment` batched
     (per-image random parameters) on the training device, or, where that device is a CPU, batched in
-    the workers on each collated batch (`in_workers`), which leaves the training process free."""
+    the workers on each collated batch (`in_workers`), which leaves the training process free.
+    A two-stage `TrainView` (selfsup.data.contract)."""
+
+    two_stage = True
 
     def __init__(self, branches: dict[str, Branch], mean: Sequence[float], std: Sequence[float],
                  gpu_augment: bool = False, in_workers: bool = False):

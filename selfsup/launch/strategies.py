@@ -22,12 +22,12 @@ EMA teachers and several optimizers
 -----------------------------------
 Methods keep one optimizer (several parameter groups, each with its own LR / weight decay, as
 ssl/base.py builds them): DeepSpeed drives exactly one optimizer, and Lightning refuses more.
-An EMA teacher (BYOL/DINO/OBoW style) is a sub-module whose parameters have `requires_grad=False`
-(so it is in no optimizer group: DeepSpeed's engine never steps it), updated after every optimizer
-step in the method's `on_train_batch_end` under `torch.no_grad()` with `ema_update_` below, and
-saved with the module's state_dict. Under DDP nothing more is needed (every rank applies the same
-update to identical weights). Under DeepSpeed two things are wrong without care, and
-`TeachersInFP32` fixes them:
+A method declares its EMA teachers with `teachers() -> [(student, teacher), ...]`; a teacher's
+parameters have `requires_grad=False` (so it is in no optimizer group: DeepSpeed's engine never steps
+it), the base updates it once per optimizer step with `selfsup.ssl.ema.ema_update_` under
+`torch.no_grad()`, and it is saved with the module's state_dict. Under DDP nothing more is needed
+(every rank applies the same update to identical weights). Under DeepSpeed two things are wrong
+without care, and `TeachersInFP32` fixes them:
 - bf16: DeepSpeed casts every parameter to bf16, teachers included, and an EMA with momentum 0.996
   kept in bf16 (8 mantissa bits) stops moving: each step's change (0.4 % of the difference) rounds
   away. `TeachersInFP32` casts the teachers back to fp32 right after DeepSpeed's set-up (before a
@@ -36,8 +36,8 @@ update to identical weights). Under DeepSpeed two things are wrong without care,
 - ZeRO-3 (and FSDP full sharding) partition every parameter, teachers included, so an element-wise
   EMA would see empty shards: methods with EMA teachers are refused there (use stage 1 or 2: the
   optimizer states are what ZeRO saves most on at these model sizes).
-A method names its teachers with `teacher_modules() -> list[nn.Module]`; without it, every
-sub-module whose parameters all have requires_grad=False counts as one.
+`teacher_modules(module)` lists the teachers of `module.teachers()`; for a module without that
+method, every sub-module whose parameters all have requires_grad=False counts as one.
 """
 
 from __future__ import annotations
@@ -160,12 +160,12 @@ def has_batchnorm(module) -> bool:
 
 
 def teacher_modules(module) -> list:
-    """The method's EMA teachers: `module.teacher_modules()` if it defines it, else every maximal
-    sub-module whose parameters all have requires_grad=False."""
+    """The method's EMA teachers: the teachers of `module.teachers()` (student, teacher pairs) if it
+    defines it, else every maximal sub-module whose parameters all have requires_grad=False."""
     if module is None:
         return []
-    if callable(getattr(module, "teacher_modules", None)):
-        return list(module.teacher_modules())
+    if callable(getattr(module, "teachers", None)):
+        return [teacher for _, teacher in module.teachers()]
     found, inside = [], set()
     for name, sub in module.named_modules():
         if not name or any(name.startswith(p + ".") for p in inside):
@@ -226,27 +226,6 @@ def build_strategy(cfg: DictConfig, module=None):
 
 def strategy_callbacks(cfg: DictConfig) -> list:
     return [TeachersInFP32()] if is_deepspeed(cfg) else []
-
-
-def ema_update_(teacher, student, momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, in the teacher's dtype (keep it
-    fp32), for parameters and floating buffers (BN running statistics); integer buffers are copied.
-    Call it under DDP / DeepSpeed ZeRO-1/2 after the optimizer step (on_train_batch_end)."""
-    import torch
-
-    with torch.no_grad():
-        t_params, s_params = list(teacher.parameters()), list(student.parameters())
-        if len(t_params) != len(s_params):
-            raise ValueError(f"teacher has {len(t_params)} parameters, student {len(s_params)}")
-        for t, s in zip(t_params, s_params):
-            if hasattr(t, "ds_id") or hasattr(s, "ds_id"):
-                raise RuntimeError("ema_update_ on ZeRO-3 partitioned parameters (use deepspeed_stage_2)")
-            t.mul_(momentum).add_(s.detach().to(t.dtype), alpha=1.0 - momentum)
-        for tb, sb in zip(teacher.buffers(), student.buffers()):
-            if tb.is_floating_point():
-                tb.mul_(momentum).add_(sb.detach().to(tb.dtype), alpha=1.0 - momentum)
-            else:
-                tb.copy_(sb)
 
 
 def _fp32_inputs(module, args, kwargs):

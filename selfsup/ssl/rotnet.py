@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.ssl.base import SSLMethod
+from selfsup.ssl.base import PretextOutput, SSLMethod
 from selfsup.ssl.pictures import captioned_grid, denormalize
 
 ROTATIONS = 4
@@ -43,7 +43,7 @@ class RotNet(SSLMethod):
         nn.init.normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
 
-    def pretext_step(self, batch: dict) -> dict:
+    def pretext_step(self, batch: dict) -> PretextOutput:
         images = batch["image"]
         inputs, labels = all_rotations(images)
         features = self.backbone(inputs)
@@ -51,14 +51,15 @@ class RotNet(SSLMethod):
         loss = rotation_loss(logits, labels)
         accuracy = (logits.argmax(1) == labels).float().mean()
         # the upright copies (every 4th row) are the probe's view of the batch
-        return {"loss": loss, "rotation_acc": accuracy, "features": features[::ROTATIONS],
-                "logits": logits.detach(), "inputs": inputs, "labels": labels}
+        return {"loss": loss, "terms": {"rotation_acc": accuracy}, "features": features[::ROTATIONS],
+                "pictures": {"logits": logits.detach(), "inputs": inputs, "labels": labels}}
 
-    def log_pictures(self, batch: dict, out: dict) -> None:
-        n = min(32, len(out["labels"]))
-        predicted = out["logits"][:n].argmax(1)
-        truth = out["labels"][:n]
+    def log_pictures(self, batch: dict, out: PretextOutput) -> None:
+        pictures = out["pictures"]
+        n = min(32, len(pictures["labels"]))
+        predicted = pictures["logits"][:n].argmax(1)
+        truth = pictures["labels"][:n]
         captions = [f"p{DEGREES[p]} t{DEGREES[t]}" for p, t in zip(predicted.tolist(), truth.tolist(), strict=True)]
-        images = denormalize(out["inputs"][:n], self.cfg.data.mean, self.cfg.data.std)
+        images = denormalize(pictures["inputs"][:n], self.cfg.data.mean, self.cfg.data.std)
         grid = captioned_grid(images, captions, ok=(predicted == truth).tolist(), columns=ROTATIONS * 2)
         self.logger.experiment.add_image("rotnet/predicted_vs_true", grid, self.global_step, dataformats="HWC")

@@ -7,10 +7,10 @@ Student side: KL(target || softmax(logits)) with "batchmean" reduction, averaged
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
+
+from selfsup.ssl.ema import cosine_momentum as teacher_momentum  # noqa: F401  (α(i), OBoW's teacher schedule)
 
 
 def squared_distances(fmap: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
@@ -92,24 +92,6 @@ def obow_loss(logits_per_group: list[list[torch.Tensor]], targets_per_level: lis
         for l in range(levels):
             per_level[l] = per_level[l] + bow_kl(logits[l], repeat_per_crop(targets_per_level[l], n))
     return sum(per_level) / levels, per_level
-
-
-def teacher_momentum(step: int, total: int, base: float = 0.99) -> float:
-    """α(i) = 1 - (1 - base) · ½(1 + cos(π i / total)): base at step 0, 1.0 at the end."""
-    progress = min(1.0, step / max(1, total))
-    return 1.0 - (1.0 - base) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def ema_parameters_(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float) -> None:
-    """θ_t <- α θ_t + (1 - α) θ_s for parameters only (BatchNorm running statistics are not averaged:
-    the teacher normalises with its own batch statistics). Computed as θ_t + (1 - α)(θ_s - θ_t) (lerp), so
-    that a teacher equal to its student stays bit-identical (the first step of a run is a no-op)."""
-    t_params, s_params = list(teacher.parameters()), list(student.parameters())
-    if len(t_params) != len(s_params):
-        raise ValueError(f"teacher has {len(t_params)} parameters, student {len(s_params)}")
-    for t, s in zip(t_params, s_params, strict=True):
-        t.lerp_(s.detach().to(t.dtype), 1.0 - alpha)
 
 
 def code_statistics(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

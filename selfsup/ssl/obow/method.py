@@ -5,7 +5,9 @@ student predicts those bags from small crops through a head generated from the v
 One step, in the order (and with the step numbers) of docs/methods/obow.md:
   2. snapshot the vocabularies (the student predicts against the words *before* this step's enqueue)
   3. student forward on each crop group (pooled final features, not normalised)
-  4. teacher EMA update with α(step) (parameters only), before the targets are computed
+  4. teacher EMA update with α(step) (parameters only), before the targets are computed: the base
+     does it for `teachers()` before the step's forward, which gives the same teacher (the
+     student's forward changes no parameter)
   5-6. teacher forward (train mode, batch statistics) -> per level: μ update, soft codes, BoW targets,
        then enqueue one locally averaged vector per image (gathered over ranks)
   7-8. generated weights -> logits -> Σ_groups mean_levels KL(target || prediction)
@@ -23,9 +25,9 @@ from torch import nn
 
 from selfsup.data import views
 from selfsup.core.errors import UserError
-from selfsup.ssl.base import SSLMethod
+from selfsup.ssl.base import PretextOutput, SSLMethod
 from selfsup.ssl.obow.head import WeightGenerator, bow_logits
-from selfsup.ssl.obow.loss import code_statistics, ema_parameters_, obow_loss, squared_distances, teacher_momentum
+from selfsup.ssl.obow.loss import code_statistics, obow_loss, squared_distances
 from selfsup.ssl.obow.vocabulary import Vocabulary
 from selfsup.ssl.pictures import captioned_grid, denormalize
 
@@ -59,8 +61,10 @@ class OBoW(SSLMethod):
         super().on_fit_start()
         check_queue(self.cfg.method.num_words, self.global_batch() // self.trainer.accumulate_grad_batches)
 
-    def teacher_modules(self) -> list[nn.Module]:
-        return [self.teacher]
+    def teachers(self) -> list[tuple[nn.Module, nn.Module]]:
+        """The EMA teacher of the backbone; α(step) is the base's schedule: cosine from
+        `method.teacher_momentum` to 1.0 over the run."""
+        return [(self.backbone, self.teacher)]
 
     def train_view(self):
         d, v = self.cfg.data, self.cfg.method.views
@@ -70,15 +74,9 @@ class OBoW(SSLMethod):
             num_patches=v.num_patches, patch_image_size=v.patch_image_size, patch_size=v.patch_size,
             patch_jitter=v.patch_jitter, patch_scale=tuple(v.patch_scale), blur_p=v.blur_p)
 
-    def parameter_groups(self) -> list[dict]:
-        groups = super().parameter_groups()
-        if not self.cfg.method.decay_everything:
-            return groups
+    def skips_weight_decay(self, name, param, declared) -> bool:
         # the official recipe decays every trainable parameter (norms, biases, generators included)
-        pretext = [g for g in groups if g["name"] in ("decay", "no_decay")]
-        merged = {"params": [p for g in pretext for p in g["params"]], "weight_decay": self.cfg.optim.weight_decay,
-                  "name": "decay"}
-        return [merged, *[g for g in groups if g["name"] not in ("decay", "no_decay")]]
+        return False if self.cfg.method.decay_everything else super().skips_weight_decay(name, param, declared)
 
     # ---- the step ---------------------------------------------------------------------------
     def _location_generator(self) -> torch.Generator:
@@ -97,10 +95,6 @@ class OBoW(SSLMethod):
             return x
         return self.all_gather(x).mean()
 
-    def momentum_now(self) -> float:
-        return teacher_momentum(int(self.global_step), int(getattr(self, "_schedule_total", 1)),
-                                self.cfg.method.teacher_momentum)
-
     @torch.no_grad()
     def _targets_then_enqueue(self, maps: list[torch.Tensor], words: list[torch.Tensor]):
         """Per level: μ update, soft codes against the pre-step words, BoW; then the queue update.
@@ -117,17 +111,14 @@ class OBoW(SSLMethod):
                     vocab.enqueue(self._gather_rows(vocab.local_vectors(fmap, generator)))
         return targets, codes
 
-    def pretext_step(self, batch: dict) -> dict:
+    def pretext_step(self, batch: dict) -> PretextOutput:
         m = self.cfg.method
         # 2. the vocabularies before this step's enqueue
         words = [v.words.clone() for v in self.vocabularies]
         # 3. student: one forward per crop group (image-major flattening, [B, n, C, H, W] -> [B n, ...])
         groups = [batch[k] for k in ("crops", "patches") if k in batch and batch[k].shape[1] > 0]
         features = [self.backbone(g.flatten(0, 1)) for g in groups]
-        # 4. teacher EMA before the targets, same step
-        alpha = self.momentum_now()
-        if self.training:
-            ema_parameters_(self.teacher, self.backbone, alpha)
+        # 4. the teacher is this step's EMA already (the base's training_step, before this forward)
         # 5-6. teacher maps -> targets (μ updated first), then the queue update
         with torch.no_grad():
             stages = self.teacher.forward_stages(batch["image"])
@@ -138,21 +129,20 @@ class OBoW(SSLMethod):
         weights = [gen(w) for gen, w in zip(self.generators, words, strict=True)]
         logits = [[bow_logits(f, w, m.kappa) for w in weights] for f in features]
         loss, per_level = obow_loss(logits, targets, [g.shape[1] for g in groups])
-        out = {"loss": loss, "features": teacher_features, "teacher_momentum": torch.tensor(alpha)}
+        terms = {}
         for name, value, code, vocab in zip(self.level_names, per_level, codes, self.vocabularies, strict=True):
             perplexity, usage = code_statistics(code)
-            out[f"loss_{name}"] = value.detach()
-            out[f"perplexity_{name}"] = perplexity
-            out[f"word_usage_{name}"] = usage
-            out[f"distance_scale_{name}"] = vocab.scale.detach().clone()
-        out["_maps"] = [fm.detach() for fm in maps]
-        out["_targets"] = targets
-        return out
+            terms[f"loss_{name}"] = value.detach()
+            terms[f"perplexity_{name}"] = perplexity
+            terms[f"word_usage_{name}"] = usage
+            terms[f"distance_scale_{name}"] = vocab.scale.detach().clone()
+        return {"loss": loss, "terms": terms, "features": teacher_features,
+                "pictures": {"maps": [fm.detach() for fm in maps], "targets": targets}}
 
     # ---- pictures: image patches nearest to a few visual words ------------------------------
-    def log_pictures(self, batch: dict, out: dict) -> None:
+    def log_pictures(self, batch: dict, out: PretextOutput) -> None:
         level = min(int(self.cfg.method.picture_level), len(self.levels) - 1)
-        grid = nearest_patches_picture(batch["image"], out["_maps"][level], self.vocabularies[level],
+        grid = nearest_patches_picture(batch["image"], out["pictures"]["maps"][level], self.vocabularies[level],
                                        self.cfg.data.mean, self.cfg.data.std)
         if grid is not None:
             self.logger.experiment.add_image(f"obow/words_{self.level_names[level]}_nearest_patches", grid,

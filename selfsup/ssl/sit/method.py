@@ -16,7 +16,7 @@ from torch import nn
 
 from selfsup.data import views
 from selfsup.core.errors import UserError, unknown_choice
-from selfsup.ssl.base import SSLMethod
+from selfsup.ssl.base import PretextOutput, SSLMethod
 from selfsup.ssl.pictures import captioned_grid, denormalize
 from selfsup.ssl.sit.corruption import corrupt, random_rotations
 from selfsup.ssl.sit.heads import EXTRA, ReconstructionHead, check_vit, encode_tokens, patch_grid, trunc_normal_linear
@@ -58,6 +58,11 @@ class SiT(SSLMethod):
         self.rotation_index, self.contrastive_index = (EXTRA, cls) if m.export_token == "contrastive" else (cls, EXTRA)
         self.num_prefix = 1 + int(net.num_prefix_tokens)
 
+    def no_weight_decay(self) -> set[str]:
+        """The method's own token (timm's ViT lists its CLS token and position embedding itself; the
+        learned loss weights and every bias and norm are 1-D)."""
+        return {"sit_token"}
+
     def train_view(self):
         d, v = self.cfg.data, self.cfg.method.views
         return views.two_views(d.image_size, d.mean, d.std, scale=tuple(v.crop_scale), color_jitter=v.color_jitter,
@@ -74,7 +79,7 @@ class SiT(SSLMethod):
             "exported_token": tokens[:, 1 + EXTRA],
         }
 
-    def pretext_step(self, batch: dict) -> dict:
+    def pretext_step(self, batch: dict) -> PretextOutput:
         m, c = self.cfg.method, self.cfg.method.corruption
         clean1, rot1 = random_rotations(batch["view1"])
         clean2, rot2 = random_rotations(batch["view2"])
@@ -87,32 +92,35 @@ class SiT(SSLMethod):
         out = self.encode(torch.cat([corrupted1, corrupted2]))
         labels = torch.cat([rot1, rot2])
         z1, z2 = out["contrastive"].chunk(2)
-        result = sit_loss(out["rotation_logits"], labels, z1, z2, out["reconstruction"], clean, self.uncertainty,
-                          temperature=m.temperature)
+        terms = sit_loss(out["rotation_logits"], labels, z1, z2, out["reconstruction"], clean, self.uncertainty,
+                         temperature=m.temperature)
+        loss = terms.pop("loss")
         with torch.no_grad():
-            result["rotation_acc"] = (out["rotation_logits"].argmax(1) == labels).float().mean()
+            terms["rotation_acc"] = (out["rotation_logits"].argmax(1) == labels).float().mean()
             factors = task_factors(self.uncertainty.detach(), TASK_SCALES)
             for i, task in enumerate(TASKS):
-                result[f"s_{task}"] = self.uncertainty[i].detach().clone()
-                result[f"factor_{task}"] = factors[i]
+                terms[f"s_{task}"] = self.uncertainty[i].detach().clone()
+                terms[f"factor_{task}"] = factors[i]
         n = len(clean1)
-        result.update({
+        return {
+            "loss": loss,
+            "terms": terms,
             # the token the exported ViT pools, seen on the first view (corrupted, rotated): the online probe's input
             "features": out["exported_token"][:n],
-            "_clean": clean1.detach(), "_corrupted": corrupted1.detach(), "_masks": masks,
-            "_reconstruction": out["reconstruction"][:n].detach(),
-            "_rotation_pred": out["rotation_logits"][:n].argmax(1), "_rotation": rot1,
-        })
-        return result
+            "pictures": {"clean": clean1.detach(), "corrupted": corrupted1.detach(), "masks": masks,
+                         "reconstruction": out["reconstruction"][:n].detach(),
+                         "rotation_pred": out["rotation_logits"][:n].argmax(1), "rotation": rot1},
+        }
 
-    def log_pictures(self, batch: dict, out: dict) -> None:
+    def log_pictures(self, batch: dict, out: PretextOutput) -> None:
         """Three rows: clean rotated views, their corrupted copies, the reconstructions; captions give the
         true and predicted rotation (frames green when the rotation head is right)."""
-        n = min(8, len(out["_clean"]))
+        p = out["pictures"]
+        n = min(8, len(p["clean"]))
         d = self.cfg.data
-        rows = [out["_clean"][:n], out["_corrupted"][:n], out["_reconstruction"][:n].float()]
+        rows = [p["clean"][:n], p["corrupted"][:n], p["reconstruction"][:n].float()]
         tiles = denormalize(torch.cat(rows).float(), d.mean, d.std)
-        truth, pred = out["_rotation"][:n].tolist(), out["_rotation_pred"][:n].tolist()
+        truth, pred = p["rotation"][:n].tolist(), p["rotation_pred"][:n].tolist()
         captions = ([f"clean {ROTATION_NAMES[t]}" for t in truth] + [f"p {ROTATION_NAMES[p]}" for p in pred]
                     + ["reconstruction"] * n)
         ok = [True] * n + [p == t for p, t in zip(pred, truth, strict=True)] + [True] * n

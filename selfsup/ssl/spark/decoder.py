@@ -54,6 +54,10 @@ class Densify(nn.Module):
             _projection(c, w, kernel_size=1 if level == 0 else 3) for level, (c, w) in enumerate(zip(channels, widths))
         )
 
+    def no_weight_decay(self) -> set[str]:
+        """The mask tokens get no weight decay (timm's convention: names relative to this module)."""
+        return {"mask_tokens.*"}
+
     def forward(self, stages: list[torch.Tensor], active: torch.Tensor) -> list[torch.Tensor]:
         """stages: the encoder's outputs (largest map first), zero where masked; active: [B,1,h,w]
         of the total-stride grid. Returns the decoder inputs, smallest map first."""

@@ -4,6 +4,10 @@ Per step: a random mask on the encoder's total-stride grid (exactly round(cells 
 visible cells per image), the masked image through the sparse encoder (the registry backbone, run on
 visible positions only), densify + light UNet decoder, and the per-patch-normalised MSE on masked
 patches. Only the backbone is exported; decoder, densify layers and mask tokens are discarded.
+
+Optimisation as the official recipe: LAMB, no weight decay and no trust ratio for parameters of at
+most one dimension (biases, norms, ConvNeXt's layer scales) and for the mask tokens (declared by
+`Densify.no_weight_decay`), and one gradient clipping, at `optim.clip_grad` (5), by the base.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from selfsup.data import views
-from selfsup.ssl.base import SSLMethod
+from selfsup.ssl.base import PretextOutput, SSLMethod
 from selfsup.ssl.pictures import captioned_grid, denormalize
 from selfsup.ssl.spark.decoder import Densify, LightDecoder, densify_norm_for
 from selfsup.ssl.spark.loss import reconstruction_picture, spark_loss
@@ -42,19 +46,21 @@ class SparK(SSLMethod):
         d = self.cfg.data
         return views.resized_crop_view(d.image_size, d.mean, d.std, scale=tuple(self.cfg.method.crop_scale))
 
-    def pretext_step(self, batch: dict) -> dict:
+    def pretext_step(self, batch: dict) -> PretextOutput:
         image = batch["image"]
         grid = (image.shape[-2] // self.patch, image.shape[-1] // self.patch)
         active = random_visible_mask(image.shape[0], *grid, self.cfg.method.mask_ratio, device=image.device)
         stages = self.encoder(image, active)
         pred = self.decoder(self.densify(stages, active))
         loss = spark_loss(pred, image, active, self.patch)
-        return {"loss": loss, "features": visible_average(stages[-1], active), "pred": pred.detach(), "active": active}
+        return {"loss": loss, "features": visible_average(stages[-1], active),
+                "pictures": {"pred": pred.detach(), "active": active}}
 
-    def log_pictures(self, batch: dict, out: dict) -> None:
+    def log_pictures(self, batch: dict, out: PretextOutput) -> None:
         n = min(8, batch["image"].shape[0])
-        image, active = batch["image"][:n], out["active"][:n]
-        rows = [image, mask_image(image, active), reconstruction_picture(out["pred"][:n], image, active, self.patch)]
+        image, active = batch["image"][:n], out["pictures"]["active"][:n]
+        pred = out["pictures"]["pred"][:n]
+        rows = [image, mask_image(image, active), reconstruction_picture(pred, image, active, self.patch)]
         tiles = denormalize(torch.cat(rows), self.cfg.data.mean, self.cfg.data.std)
         captions = [c for c in ("original", "masked", "reconstruction") for _ in range(n)]
         grid = captioned_grid(tiles, captions, columns=n)

@@ -4,6 +4,10 @@ Per step: the backbone encodes x = A1(o_t), y = A2(o_t), z = A3(o_{t-3}), w = A3
 representations (a ViT's final-LayerNorm CLS token); the expander projects r_x and r_y for VICReg;
 the temporal head sees one of the 6 permutations of (r_x, r_z, r_w) per sample and says whether it is
 the canonical order (current, previous, next). Only the backbone is exported.
+
+Parameter groups as the official LARS: weight decay and trust ratio for every tensor of more than one
+dimension (a ViT's `pos_embed` and `cls_token` included: timm's `no_weight_decay()` does not apply
+here), neither for biases and norm weights (plain momentum SGD).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from selfsup.data.temporal import TemporalView
-from selfsup.ssl.base import SSLMethod
+from selfsup.ssl.base import PretextOutput, SSLMethod
 from selfsup.ssl.pictures import captioned_grid
 from selfsup.ssl.tov_vicreg.heads import TemporalOrderHead, expander
 from selfsup.ssl.tov_vicreg.loss import sample_permutations, tov_vicreg_loss
@@ -27,6 +31,10 @@ class TOVVICReg(SSLMethod):
         self.projector = expander(dim, list(m.expander))
         self.temporal_head = TemporalOrderHead(dim)
 
+    def skips_weight_decay(self, name, param, declared) -> bool:
+        """The official LARS rule, by shape alone (see the module's docstring)."""
+        return param.ndim <= 1
+
     def train_view(self):
         m = self.cfg.method
         return TemporalView(self.cfg.data.image_size, tuple(m.crop_scale), flip=m.flip)
@@ -38,28 +46,29 @@ class TOVVICReg(SSLMethod):
             return list(self.backbone(torch.cat(views)).split([len(v) for v in views]))
         return [self.backbone(v) for v in views]
 
-    def pretext_step(self, batch: dict) -> dict:
+    def pretext_step(self, batch: dict) -> PretextOutput:
         m = self.cfg.method
         r_x, r_y, r_z, r_w = self.encode(batch["x"], batch["y"], batch["z"], batch["w"])
         p_x, p_y = self.projector(r_x), self.projector(r_y)
         perms, labels = sample_permutations(len(r_x), device=r_x.device)  # global RNG, on the CPU: device-agnostic
         logits = self.temporal_head(r_x, r_z, r_w, perms)
-        out = tov_vicreg_loss(p_x, p_y, logits, labels, sim=m.sim_weight, std=m.std_weight, cov=m.cov_weight,
-                              temporal=m.temporal_weight, gamma=m.gamma, eps=m.eps)
+        terms = tov_vicreg_loss(p_x, p_y, logits, labels, sim=m.sim_weight, std=m.std_weight, cov=m.cov_weight,
+                                temporal=m.temporal_weight, gamma=m.gamma, eps=m.eps)
+        loss = terms.pop("loss")
         with torch.no_grad():
-            out["temporal_acc"] = ((logits > 0).float() == labels).float().mean()
-            out["repr_std"] = r_x.float().std(0).mean()  # collapse monitor
-            out["proj_std"] = p_x.float().std(0).mean()
-        out.update({"features": r_x, "logits": logits.detach(), "labels": labels})
-        return out
+            terms["temporal_acc"] = ((logits > 0).float() == labels).float().mean()
+            terms["repr_std"] = r_x.float().std(0).mean()  # collapse monitor
+            terms["proj_std"] = p_x.float().std(0).mean()
+        return {"loss": loss, "terms": terms, "features": r_x,
+                "pictures": {"logits": logits.detach(), "labels": labels}}
 
-    def log_pictures(self, batch: dict, out: dict) -> None:
+    def log_pictures(self, batch: dict, out: PretextOutput) -> None:
         """Columns x, y, z (previous), w (next) of a few samples; the 3 frames of a stack are the RGB
         channels (motion shows as colour fringes). Caption: the head's P(shuffled) on its sampled order."""
         n = min(6, len(batch["x"]))
         tiles = torch.stack([batch[k][:n] for k in ("x", "y", "z", "w")], dim=1).flatten(0, 1).clamp(0, 1).float()
-        prob = torch.sigmoid(out["logits"][:n]).tolist()
-        truth = out["labels"][:n].tolist()
+        prob = torch.sigmoid(out["pictures"]["logits"][:n]).tolist()
+        truth = out["pictures"]["labels"][:n].tolist()
         captions, ok = [], []
         for p, t in zip(prob, truth, strict=True):
             captions += [f"x p={p:.2f}", f"y {'shuf' if t else 'order'}", "z (t-3)", "w (t+3)"]
