@@ -65,8 +65,10 @@ def pretrain(args) -> int:
     prepare_cluster(cfg, args.overrides, resumed=bool(cfg.resume))
     on_slurm = cfg.cluster.name == "slurm"
     from selfsup.launch.strategies import check_strategy
+    from selfsup.launch.validate import check_pretrain
 
     check_strategy(cfg, submit_to_slurm=on_slurm)  # e.g. DeepSpeed without CUDA: one line, before anything runs
+    check_pretrain(cfg, data_is_here=not on_slurm)  # a config that cannot run: one line, before the run folder
     if args.dry_run:
         print(f"# run folder: {run_dir}")
         print(to_yaml(cfg), end="")
@@ -81,18 +83,56 @@ def pretrain(args) -> int:
     if uses_demo_data(parse_overrides(args.overrides)) and not cfg.resume:
         print(f"selfsup: no data given: pretraining on the built-in demo data {cfg.data.name!r} "
               f"(pass data=<shards> for your own)")
+    new_folder = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     if on_slurm:
         return _submit_to_slurm(cfg, run_dir)
     print(f"selfsup: run folder {run_dir}  (tensorboard --logdir {run_dir / 'tb'})", flush=True)
+    return _pretrain_here(cfg, run_dir, new_folder)
+
+
+def _pretrain_here(cfg, run_dir: Path, new_folder: bool) -> int:
+    """Train in this process (and the local ranks it starts); end with one line on what the run did.
+    A folder this command made for a run that never took a step is removed again."""
+    from selfsup.launch.callbacks import RunTally
     from selfsup.launch.train import run_pretrain
 
     os.environ[LAUNCHED_RUN_DIR_ENV] = str(run_dir.absolute())
-    result = run_pretrain(cfg, run_dir)
-    print(f"selfsup: done at step {result['global_step']}; checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}"
-          + (f"; skipped {result['skipped_samples']} corrupt samples" if result["skipped_samples"] else ""))
+    tally = RunTally()
+    start = time.perf_counter()
+    try:
+        result = run_pretrain(cfg, run_dir, extra_callbacks=[tally])
+    finally:
+        removed = new_folder and not tally.reached_first_step and remove_unstarted_run(run_dir)
+    if removed:
+        print(f"selfsup: stopped before the first step; removed the run folder {run_dir}")
+    else:
+        print(summary_line(result, tally, time.perf_counter() - start, run_dir))
     return 130 if result["interrupted"] else 0
+
+
+def remove_unstarted_run(run_dir: Path) -> bool:
+    """Remove the folder of a run that never took a step, unless it holds a checkpoint."""
+    import shutil
+
+    from selfsup.launch.checkpointing import resolve_last
+
+    if resolve_last(run_dir / "checkpoints") is not None:
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
+
+
+def summary_line(result: dict, tally, wall_seconds: float, run_dir: Path) -> str:
+    from selfsup.launch.callbacks import format_seconds
+    from selfsup.launch.checkpointing import resolve_last
+
+    ended = "interrupted" if result["interrupted"] else "done"
+    checkpoint = resolve_last(run_dir / "checkpoints")
+    return (f"selfsup: {ended} at step {result['global_step']} ({tally.steps} steps in this run); "
+            f"{tally.images_per_second():.1f} images/s; wall time {format_seconds(wall_seconds)}; "
+            f"checkpoint {checkpoint or 'none'}; {result['skipped_samples']} corrupt samples skipped")
 
 
 def _submit_to_slurm(cfg, run_dir: Path) -> int:

@@ -44,6 +44,13 @@ class SSLMethod(pl.LightningModule):
 
     name = "base"
 
+    @classmethod
+    def check_config(cls, cfg: DictConfig, backbone) -> None:
+        """Raise a UserError for a config this method cannot train, before the run folder is made
+        (selfsup/launch/validate.py). `backbone` is the run's backbone built on the meta device:
+        its geometry (strides, stage sizes, patch grid) without memory. The backbone has already
+        said it takes `data.image_size`; a method adds only its own rules."""
+
     def __init__(self, cfg: DictConfig | dict, num_classes: int | None = None):
         super().__init__()
         self.cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
