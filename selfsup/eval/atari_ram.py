@@ -66,7 +66,8 @@ def select_refs(chunks: list, per_game: int | None, seed: int) -> dict[str, list
 def encode_refs(backbone, refs: list[tuple], cfg: DictConfig, device, desc: str) -> tuple[torch.Tensor, np.ndarray]:
     """Features of the stacks o_t and the RAM after each stack ([N, D] float, [N, 128] uint8)."""
     import torch.nn.functional as F
-    from tqdm import tqdm
+
+    from selfsup.progress import progress_bar
 
     mean = torch.tensor(list(cfg.data.mean)).view(1, 3, 1, 1)
     std = torch.tensor(list(cfg.data.std)).view(1, 3, 1, 1)
@@ -75,7 +76,7 @@ def encode_refs(backbone, refs: list[tuple], cfg: DictConfig, device, desc: str)
     bs = int(cfg.probe.batch_size)
     backbone.eval().to(device)
     with torch.no_grad():
-        for i in tqdm(range(0, len(refs), bs), desc=desc, unit="batch", dynamic_ncols=True, mininterval=1.0):
+        for i in progress_bar(range(0, len(refs), bs), total=-(-len(refs) // bs), desc=desc, unit="batch"):
             part = refs[i : i + bs]
             x = torch.from_numpy(np.stack([c.stack(t) for c, t in part])).float().div_(255)
             if x.shape[-1] != size:

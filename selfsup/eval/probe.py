@@ -16,15 +16,16 @@ from omegaconf import DictConfig, OmegaConf
 from selfsup.errors import UserError
 
 
-def extract_features(backbone, loader, device: str | torch.device = "cpu", desc: str = "features"):
-    from tqdm import tqdm
+def extract_features(backbone, loader, device: str | torch.device = "cpu", desc: str = "features",
+                     batches: int | None = None):
+    from selfsup.progress import progress_bar
 
     backbone.eval().to(device)
     if any(p.ndim == 4 for p in backbone.parameters()):  # convolutions: NHWC is faster on CPU and GPU
         backbone.to(memory_format=torch.channels_last)
     feats, labels = [], []
     with torch.no_grad():
-        for batch in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, mininterval=1.0):
+        for batch in progress_bar(loader, total=batches, desc=desc, unit="batch"):
             feats.append(backbone(batch["image"].to(device)).float().cpu())
             labels.append(batch["label"])
     return torch.cat(feats), torch.cat(labels)
@@ -125,13 +126,22 @@ def probe_features(backbone, cfg: DictConfig, cache_dir: Path | None, identity: 
     out = []
     for split in ("train", "test"):
         loader = eval_loader(specs[split], view, batch_size=cfg.probe.batch_size, num_workers=cfg.data.num_workers)
-        out += list(extract_features(backbone, loader, device, desc=f"features {split}"))
+        batches = split_batches(specs[split], cfg.probe.batch_size)
+        out += list(extract_features(backbone, loader, device, desc=f"features {split}", batches=batches))
     if cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
         torch.save(out, tmp)
         os.replace(tmp, cache)
     return tuple(out)
+
+
+def split_batches(spec, batch_size: int) -> int | None:
+    """Batches of one ordered pass over the shards at `spec` (None when no index.json counts them)."""
+    from selfsup.data.stream import count_samples
+
+    samples = count_samples(spec)
+    return -(-samples // batch_size) if samples else None
 
 
 def evaluate(train_x, train_y, test_x, test_y, cfg: DictConfig) -> dict:
@@ -169,6 +179,16 @@ def backbone_kwargs(overrides: list[str]) -> dict:
     return {k[len(prefix):]: parse_value(v) for k, v in parse_overrides(overrides) if k.startswith(prefix)}
 
 
+def check_probe(cfg: DictConfig, backbone) -> None:
+    """Numbers of the probe config, and the backbone against the image size, before features."""
+    from selfsup.backbones.base import Backbone
+    from selfsup.launch.validate import check_numbers
+
+    check_numbers(cfg)
+    if isinstance(backbone, Backbone):
+        backbone.check_image_size(int(cfg.data.image_size))
+
+
 def run_probe(target: str, overrides: list[str]) -> dict:
     kwargs = backbone_kwargs(overrides)
     if kwargs and not target.startswith("random:"):
@@ -176,6 +196,7 @@ def run_probe(target: str, overrides: list[str]) -> dict:
     loaded = load_target(target, kwargs)
     overrides = [o for o in overrides if not o.startswith("backbone.kwargs.")]
     cfg = probe_config(overrides, loaded.run_cfg)
+    check_probe(cfg, loaded.backbone)
     from selfsup.eval.atari_ram import ATARI_DATA, run_ram_probe
 
     if cfg.data.name in ATARI_DATA:

@@ -85,6 +85,13 @@ class RunProgressBar(TQDMProgressBar):
         return Tqdm(desc=self.description or "training", position=2 * self.process_position, disable=self.is_disabled,
                     leave=True, dynamic_ncols=True, file=sys.stderr, smoothing=0, bar_format=self.BAR_FORMAT)
 
+    def init_validation_tqdm(self) -> Tqdm:
+        """Lightning's validation bar, on stderr beside the training bar (Lightning writes to stdout)."""
+        has_main_bar = self.trainer.state.fn != "validate"
+        return Tqdm(desc=self.validation_description, position=2 * self.process_position + has_main_bar,
+                    disable=self.is_disabled, leave=not has_main_bar, dynamic_ncols=True, file=sys.stderr,
+                    bar_format=self.BAR_FORMAT)
+
     def on_train_start(self, trainer, *_) -> None:
         self.train_progress_bar = bar = self.init_train_tqdm()
         bar.reset(total=planned_total(trainer))

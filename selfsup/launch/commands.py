@@ -162,6 +162,9 @@ def continual(args) -> int:
     from selfsup.launch.config import to_yaml
 
     cfg, run_dir, resumed = resolve(args.method, args.backbone, args.overrides)
+    from selfsup.continual.train import check_continual
+
+    check_continual(cfg)  # a config that cannot run: one line, before the run folder
     if args.dry_run:
         print(f"# run folder: {run_dir}" + (" (resumed)" if resumed else ""))
         print(to_yaml(cfg), end="")
@@ -188,6 +191,12 @@ def export(args) -> int:
 
 
 def shards(args) -> int:
+    for flag, value in (("--samples-per-shard", args.samples_per_shard), ("--frames", args.frames),
+                        ("--max-episode-frames", args.max_episode_frames)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: give a positive number")
+    if args.test_frames is not None and args.test_frames < 0:
+        raise UserError(f"--test-frames {args.test_frames}: give 0 (no test split) or a positive number")
     if args.source == "atari" and not Path("atari").exists():
         from selfsup.data.atari import report_line, write_atari_shards
 

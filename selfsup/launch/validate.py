@@ -41,7 +41,7 @@ def _below_one(v) -> bool:
 
 # key -> (test, what a value that passes is); None always passes (an optional setting left unset)
 NUMBER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "data.image_size": (_positive, "a positive number of pixels (the side of the square training images)"),
+    "data.image_size": (_positive, "a positive number of pixels (the side of the square input images)"),
     "data.batch_size": (_positive, "a positive number of images per device and step"),
     "data.num_workers": (_non_negative, "0 (load in the training process) or more worker processes"),
     "data.prefetch_factor": (_positive, "a positive number of batches each worker prepares ahead"),
@@ -63,6 +63,14 @@ NUMBER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.log_every_n_steps": (_positive, "a positive number of steps"),
     "checkpoint_every_n_steps": (_positive, "a positive number of steps"),
     "images_every_n_steps": (_non_negative, "0 (no pictures) or a positive number of steps"),
+    "probe.batch_size": (_positive, "a positive number of images per forward pass"),
+    "probe.train_samples": (_positive, "a positive number of samples, or null for the whole split"),
+    "probe.test_samples": (_positive, "a positive number of samples, or null for the whole split"),
+    "probe.val_fraction": (lambda v: 0.0 < v < 1.0, "in (0, 1), e.g. 0.1 (carved from the train split)"),
+    "probe.max_iter": (_positive, "a positive number of L-BFGS iterations"),
+    "probe.select_samples": (_positive, "a positive number of samples"),
+    "probe.knn_k": (_positive, "a positive number of neighbours, e.g. 20"),
+    "probe.knn_temperature": (_positive, "a positive temperature, e.g. 0.07"),
 }
 
 
@@ -80,13 +88,17 @@ def check_pretrain(cfg: DictConfig, *, data_is_here: bool = True) -> None:
 
 # ---- numbers and names ----------------------------------------------------------------------------
 def check_numbers(cfg: DictConfig) -> None:
+    """The keys of NUMBER_RULES that `cfg` has (pretraining, continual and probe configs share them)."""
     for key, (passes, wanted) in NUMBER_RULES.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and not passes(value):
             raise UserError(f"{key}={value!r}: must be {wanted}")
-    betas = list(cfg.optim.betas)
-    if len(betas) != 2 or not all(_below_one(b) for b in betas):
-        raise UserError(f"optim.betas={betas}: must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    decays = OmegaConf.select(cfg, "probe.weight_decays")
+    if decays is not None and (not decays or not all(_non_negative(d) for d in decays)):
+        raise UserError(f"probe.weight_decays={list(decays)}: must be one or more penalties of 0 or more, e.g. [0.0, 1e-4]")
+    betas = OmegaConf.select(cfg, "optim.betas")
+    if betas is not None and (len(betas) != 2 or not all(_below_one(b) for b in betas)):
+        raise UserError(f"optim.betas={list(betas)}: must be two numbers in [0, 1), e.g. [0.9, 0.999]")
 
 
 def check_choices(cfg: DictConfig) -> None:
@@ -169,18 +181,6 @@ def check_devices(trainer: DictConfig) -> None:
         raise UserError(f"trainer.devices={devices!r}: give a number of devices, a list of device ids, -1 or auto")
 
 
-def known_train_samples(cfg: DictConfig) -> int | None:
-    """Samples per epoch when known without reading data: data.epoch_samples, or the index.json of
-    the given shards. Built-in datasets are not written here to count them."""
-    if cfg.data.get("epoch_samples"):
-        return int(cfg.data.epoch_samples)
-    if cfg.data.get("train"):
-        from selfsup.data.stream import count_samples
-
-        return count_samples(cfg.data.train)
-    return None
-
-
 def check_global_batch_fits_epoch(cfg: DictConfig, samples: int | None) -> None:
     """Every rank takes whole batches of data.batch_size (a per-device batch) from each epoch: an epoch
     smaller than one batch per rank cannot be split across the ranks."""
@@ -196,22 +196,30 @@ def check_global_batch_fits_epoch(cfg: DictConfig, samples: int | None) -> None:
 
 
 def check_train_data(cfg: DictConfig) -> None:
-    """The training shards exist (a missing path fails here, not after the run folder is made)."""
+    """The training shards exist and their size is known (a missing path fails here, not after the
+    run folder is made), and an epoch holds a batch for every rank. Built-in datasets are not
+    written here to count them."""
+    samples = cfg.data.get("epoch_samples")
     if cfg.data.get("train"):
-        from selfsup.data.stream import expand_urls
+        from selfsup.data.stream import count_samples
 
-        expand_urls(cfg.data.train)
-    check_global_batch_fits_epoch(cfg, known_train_samples(cfg))
+        counted = count_samples(cfg.data.train)
+        if counted is None and not samples:
+            raise UserError(f"the size of {cfg.data.train!r} is unknown (no index.json): set data.epoch_samples=<N>")
+        samples = samples or counted
+    check_global_batch_fits_epoch(cfg, samples)
 
 
 # ---- the model ----------------------------------------------------------------------------------------
-def meta_backbone(cfg: DictConfig):
-    """The run's backbone on the meta device: its geometry without memory or weights."""
+def meta_backbone(cfg: DictConfig, kwargs: dict | None = None):
+    """The run's backbone on the meta device (built with `kwargs`, default backbone.kwargs): its
+    geometry without memory or weights."""
     import torch
 
     from selfsup.backbones import create_backbone
 
-    kwargs = OmegaConf.to_container(cfg.backbone.kwargs, resolve=True)
+    if kwargs is None:
+        kwargs = OmegaConf.to_container(cfg.backbone.kwargs, resolve=True)
     try:
         with torch.device("meta"):
             return create_backbone(cfg.backbone.name, **kwargs).eval()
