@@ -105,6 +105,9 @@ def _pretrain_here(cfg, run_dir: Path, new_folder: bool) -> int:
         result = run_pretrain(cfg, run_dir, extra_callbacks=[tally])
     finally:
         removed = new_folder and not tally.reached_first_step and remove_unstarted_run(run_dir)
+    if removed and not result["interrupted"]:
+        raise UserError(f"no training step was taken: the data gave no batch ({result['skipped_samples']} samples "
+                        f"could not be decoded); removed the run folder {run_dir}")
     if removed:
         print(f"selfsup: stopped before the first step; removed the run folder {run_dir}")
     else:
@@ -132,7 +135,7 @@ def summary_line(result: dict, tally, wall_seconds: float, run_dir: Path) -> str
     checkpoint = resolve_last(run_dir / "checkpoints")
     return (f"selfsup: {ended} at step {result['global_step']} ({tally.steps} steps in this run); "
             f"{tally.images_per_second():.1f} images/s; wall time {format_seconds(wall_seconds)}; "
-            f"checkpoint {checkpoint or 'none'}; {result['skipped_samples']} corrupt samples skipped")
+            f"checkpoint {checkpoint or 'none'}; skipped {result['skipped_samples']} corrupt samples")
 
 
 def _submit_to_slurm(cfg, run_dir: Path) -> int:
