@@ -327,17 +327,17 @@ def checkpoint_dict(model, cfg, stream: TaskStream, rows: list[dict], steps: int
 
 # ---- the job --------------------------------------------------------------------------------
 def check_continual(cfg: DictConfig) -> None:
-    """What can be checked before the run folder is made: numbers, the backbone against the image
-    size, the task split of the data's classes (writes a built-in dataset's shards on first use),
-    the augmentations and the task-identification rules."""
+    """What can be checked before the run folder is made, cheapest first: numbers, the task-
+    identification rules, the augmentations, the backbone against the image size, and the task
+    split of the data's classes."""
     from selfsup.launch.validate import check_numbers, meta_backbone
 
     check_numbers(cfg)
+    task_id_rules(cfg)
+    train_transform(cfg.continual.augment, cfg.data.image_size, cfg.data.mean, cfg.data.std)
     _, meta = init_export(cfg)
     meta_backbone(cfg, backbone_kwargs(cfg, meta)).check_image_size(int(cfg.data.image_size))
-    TaskStream(cfg)
-    train_transform(cfg.continual.augment, cfg.data.image_size, cfg.data.mean, cfg.data.std)
-    task_id_rules(cfg)
+    TaskStream(cfg)  # last: the first use of a built-in dataset writes its shards
 
 
 def run_continual(cfg: DictConfig, run_dir: str | Path) -> dict:

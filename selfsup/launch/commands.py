@@ -68,7 +68,8 @@ def pretrain(args) -> int:
     from selfsup.launch.validate import check_pretrain
 
     check_strategy(cfg, submit_to_slurm=on_slurm)  # e.g. DeepSpeed without CUDA: one line, before anything runs
-    check_pretrain(cfg, data_is_here=not on_slurm)  # a config that cannot run: one line, before the run folder
+    # a config that cannot run: one line, before the run folder (the data only where it will be read now)
+    check_pretrain(cfg, data_is_here=not on_slurm and not args.dry_run)
     if args.dry_run:
         print(f"# run folder: {run_dir}")
         print(to_yaml(cfg), end="")
