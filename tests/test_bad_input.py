@@ -168,3 +168,15 @@ def test_a_resumed_run_or_one_with_a_checkpoint_is_kept(monkeypatch, tmp_path, c
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "last.ckpt").write_bytes(b"weights")
     assert not remove_unstarted_run(run) and (run / "checkpoints" / "last.ckpt").exists()
+
+
+def test_tov_vicreg_needs_episode_shards(submit, tmp_path):
+    from selfsup.data.atari import write_atari_shards
+    from selfsup.ssl.tov_vicreg.method import holds_episodes
+
+    line = submit("pretrain", "tov_vicreg", "vit_tiny_test", "data=digits", "image_size=84")
+    assert "tov_vicreg needs ordered episode shards, and data=digits holds single images" in line
+    write_atari_shards(tmp_path / "atari", ["Breakout"], frames=30, test_frames=0, max_episode_frames=20)
+    assert holds_episodes(str(tmp_path / "atari" / "train")) is True
+    assert holds_episodes(str(builtin_shards("digits", "train"))) is False
+    assert holds_episodes(str(tmp_path / "elsewhere")) is None
