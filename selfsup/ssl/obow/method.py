@@ -35,12 +35,13 @@ class OBoW(SSLMethod):
 
     @classmethod
     def check_config(cls, cfg, backbone) -> None:
+        """The levels' teacher maps, the student's views and the queue against the global batch."""
+        from selfsup.launch.validate import configured_ranks
+
         m, size = cfg.method, int(cfg.data.image_size)
         levels = stage_levels(m.levels, len(backbone.stage_channels))
         check_level_maps(backbone, size, levels, int(m.border))
         check_student_views(backbone, m.views)
-        from selfsup.launch.validate import configured_ranks
-
         ranks = configured_ranks(cfg.trainer)
         if ranks is not None:
             check_queue(m.num_words, cfg.data.batch_size * ranks)

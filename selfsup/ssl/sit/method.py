@@ -47,15 +47,16 @@ class SiT(SSLMethod):
 
     @classmethod
     def check_config(cls, cfg, backbone) -> None:
+        """SiT's settings, a ViT with a class token, and an image of whole patches: the reconstruction
+        head rebuilds patches, so pixels beyond the last one would have no prediction."""
         check_settings(cfg.method)
         check_vit(backbone.net, backbone.name, cfg.data.image_size)
         patch, size = backbone.patch_size(), int(cfg.data.image_size)
         if size % patch:
-            # the reconstruction head rebuilds whole patches: pixels beyond the last one have no target
-            fits = f"image_size={size - size % patch}" if size > patch else f"image_size={patch}"
+            whole = max(patch, size - size % patch)
             raise UserError(f"sit: data.image_size={size} is not a multiple of {backbone.name}'s {patch} px patches "
-                            f"(SiT reconstructs whole patches): use {fits} or another multiple of {patch}, "
-                            "or a backbone.kwargs.patch_size that divides it")
+                            f"(SiT reconstructs whole patches): use image_size={whole} backbone.kwargs.img_size={whole}, "
+                            f"or a backbone.kwargs.patch_size that divides {size}")
 
     def __init__(self, cfg, num_classes: int | None = None):
         super().__init__(cfg, num_classes)
