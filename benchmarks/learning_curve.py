@@ -6,8 +6,8 @@ pixels. Prints a markdown table.
     python benchmarks/learning_curve.py rotnet resnet10_s1_w32 --minutes 5 10 15 --pretrain trainer.max_steps=1500
 
 `--pretrain` overrides go to `submit pretrain`; they must bound the run in steps (steps=N, or a method
-recipe that sets trainer.max_steps): the minutes only cut it short, the steps size its LR schedule. Probes use the full Fashion-MNIST splits unless
-`--probe key=value ...` says otherwise.
+recipe that sets trainer.max_steps): the minutes only cut it short, the steps size its LR schedule.
+Probes use the full Fashion-MNIST splits unless `--probe key=value ...` says otherwise.
 """
 
 from __future__ import annotations
