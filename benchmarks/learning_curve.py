@@ -5,8 +5,9 @@ pixels. Prints a markdown table.
 
     python benchmarks/learning_curve.py rotnet resnet10_s1_w32 --minutes 5 10 15 --pretrain trainer.max_steps=1500
 
-`--pretrain` overrides go to `submit pretrain`. Probes use the full Fashion-MNIST splits unless
-`--probe key=value ...` says otherwise.
+`--pretrain` overrides go to `submit pretrain`; they must bound the run in steps (steps=N, or a method
+recipe that sets trainer.max_steps): the minutes only cut it short, the steps size its LR schedule.
+Probes use the full Fashion-MNIST splits unless `--probe key=value ...` says otherwise.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from pathlib import Path
 
 def submit(*args: str) -> str:
     proc = subprocess.run([sys.executable, "-m", "selfsup.launch.cli", *args], capture_output=True, text=True)
+    if proc.returncode == 2:  # bad input: submit's one line names what to change (pass it with --pretrain)
+        print(proc.stderr.strip(), file=sys.stderr)
+        sys.exit(2)
     if proc.returncode != 0:
         sys.exit(f"submit {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return proc.stdout

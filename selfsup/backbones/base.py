@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+
+from selfsup.core.errors import UserError
 
 
 class Backbone(nn.Module):
@@ -24,6 +27,7 @@ class Backbone(nn.Module):
         self.family = family
         self.timm_name = timm_name
         self.timm_kwargs = dict(timm_kwargs)
+        self.in_chans = int(self.timm_kwargs.get("in_chans", 3))
         self.num_features = int(net.num_features)
         if family == "convnet":
             stages = [f for f in net.feature_info if f["module"].startswith(("layer", "stages"))]
@@ -45,6 +49,70 @@ class Backbone(nn.Module):
         if self.family != "convnet":
             raise TypeError(f"{self.name} is a {self.family}: only convnets have stages")
         return self.net.forward_intermediates(x, indices=self.stage_indices, intermediates_only=True)
+
+    # ---- which image sizes the network takes (cheap on a backbone built on the meta device) ----------
+    def fixed_image_size(self) -> int | None:
+        """The one input side a ViT or CCT is built for (position embeddings of a fixed token grid);
+        None for convnets and for ViTs built with dynamic_img_size."""
+        patch_embed = getattr(self.net, "patch_embed", None)
+        if patch_embed is not None:
+            built = tuple(patch_embed.img_size or ())
+            return int(built[0]) if built and getattr(patch_embed, "strict_img_size", True) else None
+        size = getattr(self.net, "img_size", None)
+        return int(size) if isinstance(size, int) else None
+
+    def patch_size(self) -> int | None:
+        patch_embed = getattr(self.net, "patch_embed", None)
+        return int(patch_embed.patch_size[0]) if patch_embed is not None else None
+
+    def stage_sizes(self, image_size: int) -> list[tuple[int, int]] | None:
+        """(h, w) of each convnet stage's output for a square `image_size` input, traced through the
+        network (exact for any padding or pooling rule); None when a map shrinks to nothing."""
+        param = next(self.parameters())
+        x = torch.empty(2, self.in_chans, image_size, image_size, device=param.device, dtype=param.dtype)
+        try:
+            with torch.no_grad():
+                stages = self.forward_stages(x)
+        except RuntimeError:  # a convolution or pooling window larger than its input
+            return None
+        sizes = [tuple(int(s) for s in stage.shape[-2:]) for stage in stages]
+        return sizes if all(min(s) > 0 for s in sizes) else None
+
+    def min_image_size(self, fits: Callable[[list[tuple[int, int]]], bool] = lambda sizes: True) -> int:
+        """The smallest square input whose stage maps are all non-empty and pass `fits(stage sizes)`
+        (a convnet's; maps grow with the input, so the sizes that fit are all those from it up)."""
+
+        def ok(size: int) -> bool:
+            sizes = self.stage_sizes(size)
+            return sizes is not None and fits(sizes)
+
+        high = 1
+        while not ok(high) and high < 8192:
+            high *= 2
+        low = high // 2  # fails (or is 0); `high` passes: bisect between them
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (low, mid) if ok(mid) else (mid, high)
+        return high
+
+    def check_image_size(self, image_size: int) -> None:
+        """A UserError when the network cannot take square images of `image_size` px."""
+        if self.family == "vit":
+            self._check_token_grid(image_size)
+        elif self.stage_sizes(image_size) is None:
+            raise UserError(f"data.image_size={image_size} is too small for {self.name}: its feature maps shrink to "
+                            f"nothing; use image_size={self.min_image_size()} or more")
+
+    def _check_token_grid(self, image_size: int) -> None:
+        patch = self.patch_size()
+        if patch is not None and image_size < patch:
+            raise UserError(f"data.image_size={image_size} is smaller than {self.name}'s {patch} px patches: use "
+                            f"image_size={patch} or more, or a smaller backbone.kwargs.patch_size")
+        built = self.fixed_image_size()
+        if built is not None and built != image_size:
+            patch_hint = " (and a backbone.kwargs.patch_size that divides it)" if patch else ""
+            raise UserError(f"{self.name} is built for {built} px images, not data.image_size={image_size}: pass "
+                            f"backbone.kwargs.img_size={image_size}{patch_hint}, or image_size={built}")
 
     def timm_state_dict(self) -> dict[str, torch.Tensor]:
         return self.net.state_dict()

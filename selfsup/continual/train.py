@@ -27,20 +27,30 @@ from selfsup.continual.taskid import class_gaussian, classify_all_tasks, mahalan
 from selfsup.core.atomic import write_atomic, write_text_atomic
 from selfsup.core.config_hash import config_hash
 from selfsup.core.errors import UserError, unknown_choice
+from selfsup.ssl.callbacks import RunProgressBar
 
 CHECKPOINT = "continual.pt"
 
 
 # ---- the model -------------------------------------------------------------------------------
-def build_model(cfg: DictConfig) -> ContinualTransformer:
-    kwargs = OmegaConf.to_container(cfg.backbone.kwargs, resolve=True)
-    init = cfg.continual.init
-    weights = None
-    if init:
-        from selfsup.export import load_export
+def init_export(cfg: DictConfig) -> tuple[dict | None, dict]:
+    """(weights, metadata) of the export that task 1 starts from (continual.init), or (None, {})."""
+    if not cfg.continual.init:
+        return None, {}
+    from selfsup.export import load_export
 
-        weights, meta = load_export(init)
-        kwargs = {**json.loads(meta.get("backbone_kwargs", "{}")), **kwargs}
+    return load_export(cfg.continual.init)
+
+
+def backbone_kwargs(cfg: DictConfig, meta: dict) -> dict:
+    """The backbone's constructor arguments: the config's backbone.kwargs over the export's."""
+    return {**json.loads(meta.get("backbone_kwargs", "{}")), **OmegaConf.to_container(cfg.backbone.kwargs, resolve=True)}
+
+
+def build_model(cfg: DictConfig) -> ContinualTransformer:
+    init = cfg.continual.init
+    weights, meta = init_export(cfg)
+    kwargs = backbone_kwargs(cfg, meta)
     backbone = create_backbone(cfg.backbone.name, **kwargs)
     if weights is not None:
         if meta["timm_name"] != backbone.timm_name:
@@ -155,10 +165,11 @@ def train_task(model: ContinualTransformer, task: int, train: TaskArrays, val: T
     steps = len(loader)
     module = TaskModule(model, task, cfg, steps)
     checks = max(1, int(c.val_checks_per_epoch))
+    progress = [RunProgressBar(f"task {task + 1}/{stream_tasks}")] if cfg.trainer.enable_progress_bar else []
     trainer = pl.Trainer(
         max_epochs=task_epochs(c, task), max_time=task_time_limit(c, task, stream_tasks), accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
         logger=logger, enable_checkpointing=False, num_sanity_val_steps=0, enable_model_summary=False,
-        enable_progress_bar=cfg.trainer.enable_progress_bar, log_every_n_steps=cfg.trainer.log_every_n_steps,
+        enable_progress_bar=cfg.trainer.enable_progress_bar, callbacks=progress, log_every_n_steps=cfg.trainer.log_every_n_steps,
         val_check_interval=(1.0 if checks == 1 else max(1, steps // checks)), default_root_dir=str(logger.root_dir),
     )
     model.train()  # (Lightning keeps the modes it finds; evaluation left the model in eval mode)
@@ -306,6 +317,21 @@ def checkpoint_dict(model, cfg, stream: TaskStream, rows: list[dict], steps: int
 
 
 # ---- the job --------------------------------------------------------------------------------
+def check_continual(cfg: DictConfig) -> None:
+    """What can be checked before the run folder is made, cheapest first: numbers, the task-
+    identification rules, the augmentations, the backbone against the image size, and the task
+    split of the data's classes."""
+    from selfsup.backbones.meta import meta_backbone
+    from selfsup.core.config_checks import check_numbers
+
+    check_numbers(cfg)
+    task_id_rules(cfg)
+    train_transform(cfg.continual.augment, cfg.data.image_size, cfg.data.mean, cfg.data.std)
+    _, meta = init_export(cfg)
+    meta_backbone(cfg, backbone_kwargs(cfg, meta)).check_image_size(int(cfg.data.image_size))
+    TaskStream(cfg)  # last: the first use of a built-in dataset writes its shards
+
+
 def run_continual(cfg: DictConfig, run_dir: str | Path) -> dict:
     from lightning.pytorch.loggers import TensorBoardLogger
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,11 +205,14 @@ def decode_chunk(sample: dict) -> Chunk:
 
 
 def split_samples(games: list[str], frames: int, split: str, seed: int, stats: dict,
-                  max_episode_frames: int = MAX_EPISODE_FRAMES, chunk_starts: int = CHUNK_STARTS) -> Iterator[dict]:
-    """Chunks of every game in turn; `frames` observations in all, shared evenly across the games."""
+                  max_episode_frames: int = MAX_EPISODE_FRAMES, chunk_starts: int = CHUNK_STARTS,
+                  played: Callable[[int], object] = lambda frames: None) -> Iterator[dict]:
+    """Chunks of every game in turn; `frames` observations in all, shared evenly across the games.
+    `played(n)` hears of each episode's n observations as it is played."""
     per_game = [frames // len(games) + (i < frames % len(games)) for i in range(len(games))]
     for gi, (game, n) in enumerate(zip(games, per_game, strict=True)):
         for ep in play(game, n, seed=seed * 1000 + gi, max_episode_frames=max_episode_frames):
+            played(len(ep.frames))
             stats["frames"] += len(ep.frames)
             stats["episodes"] += 1
             stats["samples"] += stack_starts(len(ep.frames))
@@ -225,6 +228,7 @@ def write_atari_shards(out: str | Path, games: list[str] | tuple[str, ...] = DEF
     """`submit shards atari OUT`: OUT/train and OUT/test (held-out episodes: other seeds), each with
     index.json counting temporal samples (stack starts) per shard. Returns timing and counts."""
     from selfsup.data.shards import write_shards
+    from selfsup.core.progress import progress_bar
 
     games = check_games(list(games))
     if frames < 3 * len(games):
@@ -239,14 +243,17 @@ def write_atari_shards(out: str | Path, games: list[str] | tuple[str, ...] = DEF
             continue
         stats = {"frames": 0, "episodes": 0, "samples": 0, "per_game": {}}
         wall, cpu = time.perf_counter(), time.process_time()
-        samples = split_samples(games, n, split, split_seed, stats, max_episode_frames, chunk_starts)
-        write_shards(samples, out / split, prefix=split,
-                     samples_per_shard=samples_per_shard, desc=f"atari/{split} ({'+'.join(games)})",
-                     weight=lambda s: json.loads(s["json"])["own"], unit="chunk",
-                     extra=lambda stats=stats, split_seed=split_seed: {"atari": {
-                         "games": games, "frame_skip": FRAME_SKIP, "frame_size": FRAME_SIZE,
-                         "sticky_actions": STICKY_EMULATOR, "policy": f"sticky-random (repeat p={ACTION_REPEAT})",
-                         "seed": split_seed, "ram_variables": {g: RAM_VARIABLES.get(g, {}) for g in games}, **stats}})
+        # the bar counts observations played, whose total is known; the chunks written are not
+        with progress_bar(total=n, desc=f"atari/{split} ({'+'.join(games)})", unit="frame") as bar:
+            samples = split_samples(games, n, split, split_seed, stats, max_episode_frames, chunk_starts,
+                                    played=bar.update)
+            write_shards(samples, out / split, prefix=split,
+                         samples_per_shard=samples_per_shard, progress=False,
+                         weight=lambda s: json.loads(s["json"])["own"],
+                         extra=lambda stats=stats, split_seed=split_seed: {"atari": {
+                             "games": games, "frame_skip": FRAME_SKIP, "frame_size": FRAME_SIZE,
+                             "sticky_actions": STICKY_EMULATOR, "policy": f"sticky-random (repeat p={ACTION_REPEAT})",
+                             "seed": split_seed, "ram_variables": {g: RAM_VARIABLES.get(g, {}) for g in games}, **stats}})
         stats["wall_s"] = time.perf_counter() - wall
         stats["cpu_s"] = time.process_time() - cpu
         report["splits"][split] = stats

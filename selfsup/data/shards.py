@@ -39,14 +39,16 @@ def write_shards(
     weight: Callable[[dict], int] | None = None,
     unit: str = "img",
     extra: Callable[[], dict] | None = None,
+    progress: bool = True,
 ) -> list[Path]:
     """Write `samples` (dicts in webdataset form) as `out_dir/<prefix>-000000.tar`, ... atomically.
 
     index.json counts samples per shard, or with `weight` the training samples each stored sample
     gives (e.g. the temporal samples of an episode chunk; the stored ones are then under "stored");
-    `extra()` is merged into it after the last sample."""
+    `extra()` is merged into it after the last sample. `progress=False`: the caller shows its own bar."""
     import webdataset as wds
-    from tqdm import tqdm
+
+    from selfsup.core.progress import progress_bar
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +59,7 @@ def write_shards(
     counts: list[int] = []
     weights: list[int] = []
     with wds.ShardWriter(str(tmp / f"{prefix}-%06d.tar"), maxcount=samples_per_shard, verbose=0) as sink:
-        for sample in tqdm(samples, total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5):
+        for sample in progress_bar(samples, total=total, desc=desc, unit=unit, enabled=progress):
             if not counts or counts[-1] == samples_per_shard:
                 counts.append(0)
                 weights.append(0)

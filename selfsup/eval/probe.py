@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from selfsup.core.atomic import write_atomic, write_text_atomic
+from selfsup.core.config_checks import check_numbers
 from selfsup.core.config_files import config_root, load_config, select_data
 from selfsup.core.errors import UserError
 from selfsup.core.overrides import parse_overrides, parse_value, set_key
@@ -22,16 +24,17 @@ from selfsup.eval.targets import EvalTarget, ProbeResult, get_target
 PIXELS = "pixels"  # the raw-pixel baseline, as the eval target makes it
 
 
-def extract_features(backbone, loader, device: str | torch.device = "cpu", desc: str = "features"):
+def extract_features(backbone, loader, device: str | torch.device = "cpu", desc: str = "features",
+                     batches: int | None = None):
     """Features of the batches' `image` and their `label`s, concatenated in order."""
-    from tqdm import tqdm
+    from selfsup.core.progress import progress_bar
 
     backbone.eval().to(device)
     if any(p.ndim == 4 for p in backbone.parameters()):  # convolutions: NHWC is faster on CPU and GPU
         backbone.to(memory_format=torch.channels_last)
     feats, labels = [], []
     with torch.no_grad():
-        for batch in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, mininterval=1.0):
+        for batch in progress_bar(loader, total=batches, desc=desc, unit="batch"):
             feats.append(backbone(batch["image"].to(device)).float().cpu())
             labels.append(batch["label"])
     return torch.cat(feats), torch.cat(labels)
@@ -136,11 +139,23 @@ def probe_features(backbone, cfg: DictConfig, eval_target: EvalTarget, cache_dir
     for split in ("train", "test"):
         groups = eval_target.labelled_batches(cfg, split, specs[split])
         out[split] = {group: extract_features(backbone, batches, device,
-                                              desc=f"features {split}" + (f" {group}" if len(groups) > 1 else ""))
+                                              desc=f"features {split}" + (f" {group}" if len(groups) > 1 else ""),
+                                              batches=batch_count(batches, specs[split], cfg.probe.batch_size))
                       for group, batches in groups.items()}
     if cache:
         write_atomic(cache, lambda temporary: torch.save(out, temporary))
     return out
+
+
+def batch_count(batches, spec, batch_size: int) -> int | None:
+    """How many batches a pass yields, for the progress bar: their own length where they have one,
+    else counted from the shards' index.json (None when nothing counts them)."""
+    if isinstance(batches, Sized):
+        return len(batches)
+    from selfsup.data.stream import count_samples
+
+    samples = count_samples(spec)
+    return -(-samples // batch_size) if samples else None
 
 
 def backbone_kwargs(overrides: list[str]) -> dict:
@@ -150,6 +165,15 @@ def backbone_kwargs(overrides: list[str]) -> dict:
     return {k[len(prefix):]: parse_value(v) for k, v in parse_overrides(overrides) if k.startswith(prefix)}
 
 
+def check_probe(cfg: DictConfig, backbone) -> None:
+    """Numbers of the probe config, and the backbone against the image size, before features."""
+    from selfsup.backbones.base import Backbone
+
+    check_numbers(cfg)
+    if isinstance(backbone, Backbone):
+        backbone.check_image_size(int(cfg.data.image_size))
+
+
 def run_probe(target: str, overrides: list[str]) -> ProbeResult:
     kwargs = backbone_kwargs(overrides)
     if kwargs and not target.startswith("random:"):
@@ -157,6 +181,7 @@ def run_probe(target: str, overrides: list[str]) -> ProbeResult:
     loaded = None if target == PIXELS else load_backbone(target, kwargs)
     overrides = [o for o in overrides if not o.startswith("backbone.kwargs.")]
     cfg = probe_config(overrides, loaded.run_cfg if loaded else None)
+    check_probe(cfg, loaded.backbone if loaded else None)
     eval_target = get_target(cfg.data.eval_target)
     if loaded is None:  # the raw-pixel baseline: the eval target knows what its inputs' pixels are
         loaded = ProbedBackbone(eval_target.pixels(), f"{PIXELS}:{eval_target.name}")

@@ -70,7 +70,9 @@ class LastCheckpoint(pl.Callback):
         self._saved_step = -1
 
     def _save(self, trainer: pl.Trainer) -> None:
-        if trainer.global_step != self._saved_step:
+        # before the first step there is nothing trained to keep (and a folder of a run that never
+        # started is removed by `submit pretrain`)
+        if trainer.global_step not in (self._saved_step, 0):
             if _is_deepspeed(trainer):
                 self._save_folder(trainer)
             else:
@@ -107,7 +109,7 @@ class LastCheckpoint(pl.Callback):
         self._save(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt) and trainer.world_size == 1:
+        if isinstance(exception, KeyboardInterrupt) and trainer.world_size == 1 and trainer.global_step > 0:
             self._save(trainer)
             print(f"\nselfsup: interrupted; checkpoint saved to {self.path} (resume with resume={self.path.parent.parent})")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -46,8 +47,11 @@ def pretrain(args) -> int:
     prepare_cluster(cfg, args.overrides, resumed=bool(cfg.resume))
     on_slurm = cfg.cluster.name == "slurm"
     from selfsup.launch.strategies import check_strategy
+    from selfsup.launch.validate import check_pretrain
 
     check_strategy(cfg, submit_to_slurm=on_slurm)  # e.g. DeepSpeed without CUDA: one line, before anything runs
+    # a config that cannot run: one line, before the run folder (the data only where it will be read now)
+    check_pretrain(cfg, data_is_here=not on_slurm and not args.dry_run)
     if args.dry_run:
         print(f"# run folder: {run_dir}")
         print(to_yaml(cfg), end="")
@@ -66,17 +70,58 @@ def pretrain(args) -> int:
         from selfsup.launch.precision import resolve_run_precision
 
         resolve_run_precision(cfg)
+    new_folder = not run_dir.exists()
     write_run_config(run_dir, cfg)
     if on_slurm:
         return _submit_to_slurm(cfg, run_dir)
     print(f"selfsup: run folder {run_dir}  (tensorboard --logdir {run_dir / 'tb'})", flush=True)
+    return _pretrain_here(cfg, run_dir, new_folder)
+
+
+def _pretrain_here(cfg, run_dir: Path, new_folder: bool) -> int:
+    """Train in this process (and the local ranks it starts); end with one line on what the run did.
+    A folder this command made for a run that never took a step is removed again."""
+    from selfsup.ssl.callbacks import RunTally
     from selfsup.launch.train import run_pretrain
 
     os.environ[LAUNCHED_RUN_DIR_ENV] = str(run_dir.absolute())
-    result = run_pretrain(cfg, run_dir)
-    print(f"selfsup: done at step {result['global_step']}; checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}"
-          + (f"; skipped {result['skipped_samples']} corrupt samples" if result["skipped_samples"] else ""))
+    tally = RunTally()
+    start = time.perf_counter()
+    try:
+        result = run_pretrain(cfg, run_dir, extra_callbacks=[tally])
+    finally:
+        removed = new_folder and not tally.reached_first_step and remove_unstarted_run(run_dir)
+    if removed and not result["interrupted"]:
+        raise UserError(f"no training step was taken: the data gave no batch ({result['skipped_samples']} samples "
+                        f"could not be decoded); removed the run folder {run_dir}")
+    if removed:
+        print(f"selfsup: stopped before the first step; removed the run folder {run_dir}")
+    else:
+        print(summary_line(result, tally, time.perf_counter() - start, run_dir))
     return 130 if result["interrupted"] else 0
+
+
+def remove_unstarted_run(run_dir: Path) -> bool:
+    """Remove the folder of a run that never took a step, unless it holds a checkpoint."""
+    import shutil
+
+    from selfsup.launch.checkpointing import resolve_last
+
+    if resolve_last(run_dir / "checkpoints") is not None:
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
+
+
+def summary_line(result: dict, tally, wall_seconds: float, run_dir: Path) -> str:
+    from selfsup.ssl.callbacks import format_seconds
+    from selfsup.launch.checkpointing import resolve_last
+
+    ended = "interrupted" if result["interrupted"] else "done"
+    checkpoint = resolve_last(run_dir / "checkpoints")
+    return (f"selfsup: {ended} at step {result['global_step']} ({tally.steps} steps in this run); "
+            f"{tally.images_per_second():.1f} images/s; wall time {format_seconds(wall_seconds)}; "
+            f"checkpoint {checkpoint or 'none'}; skipped {result['skipped_samples']} corrupt samples")
 
 
 def _submit_to_slurm(cfg, run_dir: Path) -> int:
@@ -108,6 +153,9 @@ def continual(args) -> int:
     from selfsup.launch.run_config import resolve_run
 
     cfg, run_dir, resumed = resolve_run(args.method, args.backbone, args.overrides, compose)
+    from selfsup.continual.train import check_continual
+
+    check_continual(cfg)  # a config that cannot run: one line, before the run folder
     if args.dry_run:
         print(f"# run folder: {run_dir}" + (" (resumed)" if resumed else ""))
         print(to_yaml(cfg), end="")
@@ -161,7 +209,17 @@ def shard_source(source: str):
     return kind
 
 
+def check_shard_options(args) -> None:
+    for flag, value in (("--samples-per-shard", args.samples_per_shard), ("--frames", args.frames),
+                        ("--max-episode-frames", args.max_episode_frames)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: give a positive number")
+    if args.test_frames is not None and args.test_frames < 0:
+        raise UserError(f"--test-frames {args.test_frames}: give 0 (no test split) or a positive number")
+
+
 def shards(args) -> int:
+    check_shard_options(args)
     kind = shard_source(args.source)
     if kind is not None:
         print(kind.write(Path(args.output), vars(args)))

@@ -23,7 +23,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=(), module=Non
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from selfsup.launch.callbacks import ImagesPerSecond
+    from selfsup.ssl.callbacks import ImagesPerSecond, RunProgressBar
     from selfsup.launch.checkpointing import AtomicCheckpointIO, LastCheckpoint
     from selfsup.launch.precision import apply_precision
     from selfsup.launch.strategies import build_strategy, strategy_callbacks, sync_batchnorm
@@ -38,6 +38,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=(), module=Non
         *strategy_callbacks(cfg),
         *extra_callbacks,
     ]
+    if trainer_kwargs.get("enable_progress_bar", True):
+        callbacks.append(RunProgressBar())
     return pl.Trainer(
         **trainer_kwargs,
         strategy=build_strategy(cfg, module),

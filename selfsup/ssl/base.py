@@ -7,7 +7,6 @@ method and the base is in `SSLMethod`'s docstring (and docs/methods/contract.md)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from fnmatch import fnmatchcase
 from typing import Any, Required, TypedDict
 
@@ -96,6 +95,13 @@ class SSLMethod(pl.LightningModule):
     """
 
     name = "base"
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig, backbone) -> None:
+        """Raise a UserError for a config this method cannot train, before the run folder is made
+        (selfsup/launch/validate.py, before the run folder is made). `backbone` is the run's backbone built on the meta device:
+        its geometry (strides, stage sizes, patch grid) without memory. The backbone has already
+        said it takes `data.image_size`; a method adds only its own rules."""
 
     def __init__(self, cfg: DictConfig | dict, num_classes: int | None = None):
         super().__init__()

@@ -35,14 +35,24 @@ from selfsup.ssl.pictures import captioned_grid, denormalize
 class OBoW(SSLMethod):
     name = "obow"
 
+    @classmethod
+    def check_config(cls, cfg, backbone) -> None:
+        """The levels' teacher maps, the student's views and the queue against the global batch."""
+        from selfsup.core.config_checks import configured_ranks
+
+        m, size = cfg.method, int(cfg.data.image_size)
+        levels = stage_levels(m.levels, len(backbone.stage_channels))
+        check_level_maps(backbone, size, levels, int(m.border))
+        check_student_views(backbone, m.views)
+        ranks = configured_ranks(cfg.trainer)
+        if ranks is not None:
+            check_queue(m.num_words, cfg.data.batch_size * ranks)
+
     def __init__(self, cfg, num_classes: int | None = None):
         super().__init__(cfg, num_classes)
         m = self.cfg.method
         backbone = self.backbone
-        n_stages = len(backbone.stage_channels)
-        self.levels = [int(i) % n_stages for i in m.levels]
-        if len(set(self.levels)) != len(self.levels):
-            raise UserError(f"method.levels={list(m.levels)}: a stage is named twice")
+        self.levels = stage_levels(m.levels, len(backbone.stage_channels))
         self.teacher = copy.deepcopy(backbone)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -149,11 +159,61 @@ class OBoW(SSLMethod):
                                              self.global_step, dataformats="HWC")
 
 
+def stage_levels(levels, n_stages: int) -> list[int]:
+    """`method.levels` (stage indices, negative from the end) as stage numbers 0 .. n_stages - 1."""
+    for i in levels:
+        if not -n_stages <= int(i) < n_stages:
+            raise UserError(f"obow: method.levels={list(levels)}: the backbone has {n_stages} stages "
+                            f"(use indices {-n_stages} .. {n_stages - 1})")
+    chosen = [int(i) % n_stages for i in levels]
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise UserError(f"obow: method.levels={list(levels)}: name one or more different stages, e.g. [-2, -1]")
+    return chosen
+
+
+def check_level_maps(backbone, image_size: int, levels: list[int], border: int) -> None:
+    """The teacher codes each level's map less `border` on each side: something must be left."""
+    if border < 0:
+        raise UserError(f"obow: method.border={border}: must be 0 or more")
+
+    def coded_side(sizes, level):  # the side of the part of the level's map that is coded
+        return min(sizes[level]) - 2 * border
+
+    def all_coded(sizes):
+        return all(coded_side(sizes, level) >= 1 for level in levels)
+
+    sizes = backbone.stage_sizes(image_size)
+    for level in levels:
+        if coded_side(sizes, level) < 1:
+            h, w = sizes[level]
+            raise UserError(f"obow: data.image_size={image_size} gives {backbone.name}'s stage {level + 1} a {h}x{w} map, "
+                            f"nothing left once method.border={border} is cropped from each side: use "
+                            f"image_size={backbone.min_image_size(all_coded)} or more, or method.border=0")
+
+
+def check_student_views(backbone, v) -> None:
+    """The student's crops (and patches) go through the backbone too, and the patches are cut from
+    a jittered 3x3 grid (selfsup/data/views.py, patch_grid)."""
+    sizes = [("method.views.crop_size", v.crop_size)]
+    if v.num_patches:
+        sizes.append(("method.views.patch_size", v.patch_size))
+    for key, px in sizes:
+        if px < 1 or backbone.stage_sizes(px) is None:
+            raise UserError(f"obow: {key}={px} is too small for {backbone.name}: use {backbone.min_image_size()} px or more")
+    if not 0 <= v.num_patches <= 9:
+        raise UserError(f"obow: method.views.num_patches={v.num_patches}: must be 0 .. 9 (patches of a 3x3 grid)")
+    if v.num_patches and v.patch_image_size < v.patch_size + v.patch_jitter:
+        raise UserError(f"obow: method.views.patch_image_size={v.patch_image_size} cannot hold a {v.patch_size} px patch "
+                        f"with {v.patch_jitter} px of jitter: use patch_image_size={v.patch_size + v.patch_jitter} or more")
+
+
 def check_queue(num_words: int, global_batch: int) -> None:
     """Each step enqueues one vector per image of the global batch: K must be a multiple of it."""
     if num_words % global_batch:
+        multiple = -(-num_words // global_batch) * global_batch
         raise UserError(f"obow: method.num_words={num_words} is not a multiple of the global batch ({global_batch} "
-                        "images per step): the queue would not wrap around cleanly")
+                        f"images per step): the queue would not wrap around cleanly; use method.num_words={multiple}, "
+                        f"or a global batch (data.batch_size x ranks) that divides {num_words}")
 
 
 def nearest_patches_picture(images: torch.Tensor, fmap: torch.Tensor, vocab: Vocabulary, mean, std,

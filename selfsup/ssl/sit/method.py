@@ -27,23 +27,41 @@ EXPORT_TOKENS = ("contrastive", "rotation")
 ROTATION_NAMES = ("0", "90cw", "180", "90ccw")
 
 
+def check_settings(m) -> None:
+    """SiT's own choices and ranges in `method`."""
+    if m.version not in VERSIONS:
+        raise unknown_choice("sit method.version", m.version, VERSIONS)
+    if m.export_token not in EXPORT_TOKENS:
+        raise unknown_choice("sit method.export_token", m.export_token, EXPORT_TOKENS)
+    if not m.temperature > 0:
+        raise UserError(f"sit: method.temperature={m.temperature} must be > 0")
+    if m.views.interpolation not in views.INTERPOLATIONS:
+        raise unknown_choice("sit method.views.interpolation", m.views.interpolation, views.INTERPOLATIONS)
+    for key in ("noise_budget", "replace_budget"):
+        if not 0.0 <= m.corruption[key] <= 1.0:
+            raise UserError(f"sit: method.corruption.{key}={m.corruption[key]} must be in [0, 1]")
+
+
 class SiT(SSLMethod):
     name = "sit"
+
+    @classmethod
+    def check_config(cls, cfg, backbone) -> None:
+        """SiT's settings, a ViT with a class token, and an image of whole patches: the reconstruction
+        head rebuilds patches, so pixels beyond the last one would have no prediction."""
+        check_settings(cfg.method)
+        check_vit(backbone.net, backbone.name, cfg.data.image_size)
+        patch, size = backbone.patch_size(), int(cfg.data.image_size)
+        if size % patch:
+            whole = max(patch, size - size % patch)
+            raise UserError(f"sit: data.image_size={size} is not a multiple of {backbone.name}'s {patch} px patches "
+                            f"(SiT reconstructs whole patches): use image_size={whole} backbone.kwargs.img_size={whole}, "
+                            f"or a backbone.kwargs.patch_size that divides {size}")
 
     def __init__(self, cfg, num_classes: int | None = None):
         super().__init__(cfg, num_classes)
         m = self.cfg.method
-        if m.version not in VERSIONS:
-            raise unknown_choice("sit method.version", m.version, VERSIONS)
-        if m.export_token not in EXPORT_TOKENS:
-            raise unknown_choice("sit method.export_token", m.export_token, EXPORT_TOKENS)
-        if not m.temperature > 0:
-            raise UserError(f"sit: method.temperature={m.temperature} must be > 0")
-        if m.views.interpolation not in views.INTERPOLATIONS:
-            raise unknown_choice("sit method.views.interpolation", m.views.interpolation, views.INTERPOLATIONS)
-        for key in ("noise_budget", "replace_budget"):
-            if not 0.0 <= m.corruption[key] <= 1.0:
-                raise UserError(f"sit: method.corruption.{key}={m.corruption[key]} must be in [0, 1]")
+        check_settings(m)
         net = self.backbone.net
         check_vit(net, self.backbone.name, self.cfg.data.image_size)
         dim = self.backbone.num_features

@@ -15,12 +15,27 @@ from __future__ import annotations
 import torch
 
 from selfsup.data import views
+from selfsup.core.errors import UserError, unknown_choice
 from selfsup.ssl.base import PretextOutput, SSLMethod
 from selfsup.ssl.pictures import captioned_grid, denormalize
 from selfsup.ssl.spark.decoder import Densify, LightDecoder, densify_norm_for
 from selfsup.ssl.spark.loss import reconstruction_picture, spark_loss
-from selfsup.ssl.spark.masking import mask_image, random_visible_mask, upsample_mask
-from selfsup.ssl.spark.sparse_encoder import SparseEncoder
+from selfsup.ssl.spark.masking import mask_image, num_visible, random_visible_mask, upsample_mask
+from selfsup.ssl.spark.sparse_encoder import BACKENDS, SparseEncoder
+
+
+def grid_is_maskable(side: int, ratio: float) -> bool:
+    """A side x side mask grid keeps at least one cell visible (the encoder's input) and one masked
+    (the loss's target) at this mask ratio."""
+    visible = num_visible(side, side, ratio)
+    return 1 <= visible < side * side
+
+
+def smallest_maskable_side(ratio: float) -> int:
+    side = 1
+    while not grid_is_maskable(side, ratio):
+        side += 1
+    return side
 
 
 def visible_average(fmap: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -31,6 +46,27 @@ def visible_average(fmap: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
 
 class SparK(SSLMethod):
     name = "spark"
+
+    @classmethod
+    def check_config(cls, cfg, backbone) -> None:
+        """The mask grid is the image in cells of the backbone's total stride: the image side must be a
+        whole number of cells, and the grid large enough to keep cells both visible and masked."""
+        m, size, stride = cfg.method, int(cfg.data.image_size), backbone.total_stride
+        if m.sparse_backend not in BACKENDS:
+            raise unknown_choice("spark method.sparse_backend", m.sparse_backend, BACKENDS)
+        if not 0.0 < m.mask_ratio < 1.0:
+            raise UserError(f"spark: method.mask_ratio={m.mask_ratio}: must be in (0, 1), e.g. 0.6")
+        smallest = smallest_maskable_side(m.mask_ratio) * stride
+        works = f"use image_size={smallest} or a larger multiple of {stride}"
+        if size % stride:
+            raise UserError(f"spark: data.image_size={size} is not a multiple of {backbone.name}'s total stride {stride} "
+                            f"(SparK masks cells of {stride}x{stride} px): {works}")
+        side = size // stride
+        if not grid_is_maskable(side, m.mask_ratio):
+            visible = num_visible(side, side, m.mask_ratio)
+            raise UserError(f"spark: data.image_size={size} gives {backbone.name} (total stride {stride}) a {side}x{side} mask "
+                            f"grid, of which method.mask_ratio={m.mask_ratio} keeps {visible} of {side * side} cells visible "
+                            f"(SparK needs at least one visible and one masked cell): {works}")
 
     def __init__(self, cfg, num_classes: int | None = None):
         super().__init__(cfg, num_classes)

@@ -12,17 +12,44 @@ here), neither for biases and norm weights (plain momentum SGD).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from selfsup.data.temporal import TemporalView
+from selfsup.core.errors import UserError
 from selfsup.ssl.base import PretextOutput, SSLMethod
 from selfsup.ssl.pictures import captioned_grid
 from selfsup.ssl.tov_vicreg.heads import TemporalOrderHead, expander
 from selfsup.ssl.tov_vicreg.loss import sample_permutations, tov_vicreg_loss
 
 
+def holds_episodes(spec) -> bool | None:
+    """Whether the shards at `spec` are ordered episodes written by `submit shards atari` (their
+    index.json says so); None when they cannot be read from here."""
+    from selfsup.data.shards import read_index
+    from selfsup.data.stream import expand_urls
+
+    try:
+        urls = expand_urls(spec)
+    except UserError:  # not here (a dry run, or paths of a cluster's nodes): the data check is elsewhere
+        return None
+    index = read_index(Path(urls[0]).parent)
+    return None if index is None else "atari" in index
+
+
 class TOVVICReg(SSLMethod):
     name = "tov_vicreg"
+
+    @classmethod
+    def check_config(cls, cfg, backbone) -> None:
+        """The temporal views are 3-frame stacks of ordered episodes, which image shards do not hold."""
+        d = cfg.data
+        episodes = True if d.name == "atari" else holds_episodes(d.train) if d.get("train") else False
+        if episodes is False:
+            source = f"data.train={d.train!r}" if d.get("train") else f"data={d.name}"
+            raise UserError(f"tov_vicreg needs ordered episode shards, and {source} holds single images: write them with "
+                            "`submit shards atari OUT` and pass data=OUT/train (or leave data out for the built-in frames)")
 
     def __init__(self, cfg, num_classes: int | None = None):
         super().__init__(cfg, num_classes)

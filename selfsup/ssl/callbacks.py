@@ -1,0 +1,152 @@
+"""Small Lightning callbacks shared by every run."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
+
+
+class ImagesPerSecond(pl.Callback):
+    """Logs training throughput (images per second on this rank, data loading included)."""
+
+    def __init__(self):
+        self._last = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._last is None:
+            self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        if elapsed > 0:
+            pl_module.log("train/images_per_sec", len(batch["label"]) / elapsed, prog_bar=True,
+                          batch_size=len(batch["label"]))
+
+
+class RunTally(pl.Callback):
+    """What this fit did: optimizer steps taken, images seen (all ranks) and the seconds from its
+    first batch to its last, for the line that ends a run."""
+
+    def __init__(self):
+        self.first_step: int | None = None
+        self.last_step = 0
+        self.batches = 0
+        self.images = 0
+        self._started: float | None = None
+        self.train_seconds = 0.0
+
+    @property
+    def steps(self) -> int:
+        return 0 if self.first_step is None else self.last_step - self.first_step
+
+    @property
+    def reached_first_step(self) -> bool:
+        return self.batches > 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._started is None:
+            self._started = time.perf_counter()
+            self.first_step = self.last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.last_step = trainer.global_step
+        self.batches += 1
+        self.images += _batch_images(batch) * trainer.world_size
+        self.train_seconds = time.perf_counter() - self._started
+
+    def images_per_second(self) -> float:
+        return self.images / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+def _batch_images(batch) -> int:
+    return len(batch["label"]) if isinstance(batch, dict) else len(batch[-1])
+
+
+class RunProgressBar(TQDMProgressBar):
+    """One bar for the whole run, on stderr, that counts to where the run really ends.
+
+    Lightning's own bar restarts every epoch and counts that epoch's batches, so a run bounded by
+    max_steps showed e.g. 150/3750. This bar counts optimizer steps (batches, for a module that
+    steps its optimizers itself) up to Lightning's own plan, the smaller of max_steps and
+    max_epochs x steps per epoch, starting at the step a resumed run starts from. A max_time that
+    may end the run sooner is shown as the time left of the budget; tqdm's estimate stays the
+    one for the step count."""
+
+    def __init__(self, description: str | None = None, refresh_rate: int = 1):
+        super().__init__(refresh_rate=refresh_rate)
+        self.description = description
+
+    def init_train_tqdm(self) -> Tqdm:
+        return Tqdm(desc=self.description or "training", position=2 * self.process_position, disable=self.is_disabled,
+                    leave=True, dynamic_ncols=True, file=sys.stderr, smoothing=0, bar_format=self.BAR_FORMAT)
+
+    def init_validation_tqdm(self) -> Tqdm:
+        """Lightning's validation bar, on stderr beside the training bar (Lightning writes to stdout)."""
+        has_main_bar = self.trainer.state.fn != "validate"
+        return Tqdm(desc=self.validation_description, position=2 * self.process_position + has_main_bar,
+                    disable=self.is_disabled, leave=not has_main_bar, dynamic_ncols=True, file=sys.stderr,
+                    bar_format=self.BAR_FORMAT)
+
+    def on_train_start(self, trainer, *_) -> None:
+        self.train_progress_bar = bar = self.init_train_tqdm()
+        bar.reset(total=planned_total(trainer))
+        bar.initial = bar.n = progress_done(trainer)  # a resumed run starts where it stopped; tqdm's rate counts from here
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        epoch = f"epoch {trainer.current_epoch}"
+        self.train_progress_bar.set_description(f"{self.description}, {epoch}" if self.description else epoch.capitalize())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar = self.train_progress_bar
+        done = progress_done(trainer)
+        if bar is not None and self._should_update(done, bar.total):
+            bar.n = done
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.refresh()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self.train_progress_bar.disable:
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        left = time_budget_left(trainer)
+        if left is not None:
+            metrics["time left"] = format_seconds(max(0.0, left))
+        return metrics
+
+
+def planned_total(trainer: pl.Trainer) -> int | None:
+    """Where the run ends by its step and epoch bounds, in the unit of `progress_done`: Lightning's
+    own plan (the one the LR schedule is sized by); None when only max_time bounds it."""
+    total = convert_inf(trainer.estimated_stepping_batches)
+    return None if total is None else int(total)
+
+
+def progress_done(trainer: pl.Trainer) -> int:
+    """Optimizer steps done, or batches for a module with manual optimisation (its global step
+    counts each of its optimizers' steps, and Lightning plans it in batches)."""
+    if trainer.lightning_module.automatic_optimization:
+        return trainer.global_step
+    return trainer.fit_loop.epoch_loop.total_batch_idx + 1
+
+
+def time_budget_left(trainer: pl.Trainer) -> float | None:
+    """Seconds left of trainer.max_time, or None without one."""
+    from lightning.pytorch.callbacks import Timer
+
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    return timer.time_remaining() if timer is not None else None
+
+
+def format_seconds(seconds: float) -> str:
+    """H:MM:SS (M:SS under an hour), as tqdm writes times."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
