@@ -77,3 +77,18 @@ def test_unknown_name_names_the_closest():
 def test_registering_twice_is_refused():
     with pytest.raises(ValueError):
         register_backbone("resnet18", family="convnet", timm_name="resnet18")(lambda **kw: None)
+
+
+def test_checking_the_image_size_leaves_the_weights_and_statistics_as_they_are():
+    """The size check traces a real network (the probe checks a loaded backbone): its BatchNorm
+    running statistics and its weights must not move."""
+    import torch
+
+    from selfsup.backbones import create_backbone
+
+    backbone = create_backbone("resnet_tiny").train()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    backbone.check_image_size(32)
+    assert backbone.training
+    after = backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

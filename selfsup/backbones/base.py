@@ -69,12 +69,18 @@ class Backbone(nn.Module):
         """(h, w) of each convnet stage's output for a square `image_size` input, traced through the
         network (exact for any padding or pooling rule); None when a map shrinks to nothing."""
         param = next(self.parameters())
-        x = torch.empty(2, self.in_chans, image_size, image_size, device=param.device, dtype=param.dtype)
+        # zeros in eval mode: tracing a network with real weights must leave its BatchNorm statistics
+        # as they are (train mode would fold the probe input into the running mean and variance)
+        x = torch.zeros(2, self.in_chans, image_size, image_size, device=param.device, dtype=param.dtype)
+        was_training = self.training
+        self.eval()
         try:
             with torch.no_grad():
                 stages = self.forward_stages(x)
         except RuntimeError:  # a convolution or pooling window larger than its input
             return None
+        finally:
+            self.train(was_training)
         sizes = [tuple(int(s) for s in stage.shape[-2:]) for stage in stages]
         return sizes if all(min(s) > 0 for s in sizes) else None
 
