@@ -154,30 +154,30 @@ def test_corrupt_chunk_is_skipped_and_counted(short_episodes):
 
 
 def test_ram_feature_cache_loads_weights_only(tmp_path, monkeypatch):
-    """The RAM probe's feature cache holds tensors only: the second call reads it with weights_only=True."""
-    from types import SimpleNamespace
-
+    """The RAM probe's features go through the probe's one feature cache, which holds tensors only
+    (the RAM labels as uint8 tensors): the second call reads it with weights_only=True."""
     import selfsup.data.stream as stream
-    from selfsup.eval import atari_ram
+    from selfsup.eval import probe
+    from selfsup.eval.targets import get_target
 
-    encoded = []
+    target = get_target("atari_ram")
+    read = []
 
-    def fake_encode(backbone, refs, cfg, device, desc):
-        encoded.append(desc)
-        return torch.randn(len(refs), 4), np.arange(len(refs) * 128, dtype=np.uint8).reshape(len(refs), 128)
+    def fake_batches(cfg, split, spec):
+        read.append(split)
+        ram = torch.arange(3 * 128, dtype=torch.int64).reshape(3, 128).to(torch.uint8)
+        return {"Pong": [{"image": torch.randn(3, 4), "label": ram}]}
 
     monkeypatch.setattr(stream, "resolve_split", lambda data, split: f"/unused/{split}")
-    monkeypatch.setattr(atari_ram, "load_split", lambda spec: [])
-    monkeypatch.setattr(atari_ram, "select_refs", lambda chunks, per_game, seed: {"Pong": [None] * 3})
-    monkeypatch.setattr(atari_ram, "encode_refs", fake_encode)
+    monkeypatch.setattr(target, "labelled_batches", fake_batches)
     cfg = OmegaConf.create({"data": {"image_size": 84, "mean": [0.5] * 3, "std": [0.5] * 3},
-                            "probe": {"train_samples": 3, "test_samples": 3, "seed": 0}})
-    target = SimpleNamespace(identity="x", backbone=torch.nn.Identity())
-    first = atari_ram.ram_features(target, cfg, tmp_path)
-    again = atari_ram.ram_features(target, cfg, tmp_path)
-    assert len(encoded) == 2  # train and test once: the second call read the cache
-    for a, b in zip(first["Pong"], again["Pong"]):
-        assert type(a) is type(b)
-        assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else (a.dtype == b.dtype and np.array_equal(a, b)))
-    cache = next(tmp_path.glob("ram-features-*.pt"))
+                            "probe": {"train_samples": 3, "test_samples": 3, "seed": 0, "batch_size": 8}})
+    first = probe.probe_features(torch.nn.Identity(), cfg, target, tmp_path, "x")
+    again = probe.probe_features(torch.nn.Identity(), cfg, target, tmp_path, "x")
+    assert read == ["train", "test"]  # the second call read the cache
+    for split in ("train", "test"):
+        for a, b in zip(first[split]["Pong"], again[split]["Pong"]):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    assert again["train"]["Pong"][1].dtype == torch.uint8
+    cache = next(tmp_path.glob("features-*.pt"))
     torch.load(cache, weights_only=True)
