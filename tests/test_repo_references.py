@@ -154,24 +154,23 @@ def markdown_link_problems(files) -> list[str]:
     return problems
 
 
-def outside_citation_problems(files) -> list[str]:
+def matching_lines(files, pattern) -> list[str]:
+    """`file:line: text` of every line of `files` that `pattern` finds something in."""
     problems = []
     for path in files:
         rel = path.relative_to(ROOT)
         for number, line in _lines(path):
-            if OUTSIDE_NOTES.search(line):
+            if pattern.search(line):
                 problems.append(f"{rel}:{number}: {line.strip()[:120]}")
     return problems
+
+
+def outside_citation_problems(files) -> list[str]:
+    return matching_lines(files, OUTSIDE_NOTES)
 
 
 def making_of_problems(files) -> list[str]:
-    problems = []
-    for path in files:
-        rel = path.relative_to(ROOT)
-        for number, line in _lines(path):
-            if MAKING_OF.search(line):
-                problems.append(f"{rel}:{number}: {line.strip()[:120]}")
-    return problems
+    return matching_lines(files, MAKING_OF)
 
 
 def test_cited_repository_paths_exist():
