@@ -2,22 +2,17 @@
 
 import subprocess
 import sys
-import time
 
 from conftest import run_submit
 
 
-def test_help_is_fast_and_does_not_import_torch():
+def test_help_does_not_import_torch():
+    """`submit --help` stays fast because it imports neither torch nor Lightning; its wall time is a
+    benchmark (benchmarks/cli_startup.py), not a test, since a loaded machine would fail any bound."""
     code = ("import sys\nfrom selfsup.launch.cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "assert 'torch' not in sys.modules and 'lightning' not in sys.modules, 'heavy import at start-up'\n")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "selfsup.launch.cli", "--help"], check=True, capture_output=True)
-        best = min(best, time.perf_counter() - start)
-    assert best < 0.5, f"submit --help took {best:.2f}s"
 
 
 def one_line_error(proc):
