@@ -11,6 +11,7 @@ from selfsup.backbones.registry import (
     create_backbone,
     get_spec,
     register_backbone,
+    register_timm_models,
 )
 
-__all__ = ["BackboneSpec", "backbone_names", "create_backbone", "get_spec", "register_backbone"]
+__all__ = ["BackboneSpec", "backbone_names", "create_backbone", "get_spec", "register_backbone", "register_timm_models"]

@@ -6,7 +6,9 @@ x += DropPath(MLP(x))` with bias-free Q, K, V and output projections, no class t
 LayerNorm, and sequence pooling (a softmax over tokens of Linear(D, 1)) as the pooled embedding.
 
 The networks are registered in timm's registry as `selfsup_cct_*` (so an export loads with
-`timm.create_model`), and in selfsup's registry (selfsup/backbones/zoo.py) as `cct_*`.
+`timm.create_model`), and in selfsup's registry (selfsup/backbones/zoo.py) as `cct_*`. They are built
+through timm's `build_model_with_cfg` with a default pretrained config, so that
+`timm.create_model("local-dir:FOLDER", pretrained=True)` loads a `submit export --format hf` folder.
 Names follow CCT's: `cct_<layers>_<kernel>x<conv layers>`; `cct_6` is `cct_6_3x1` (CIFAR, 32 px ->
 256 tokens); `cct_6_3x2` has two tokenizer convs (32 px -> 64 tokens, 4x fewer tokens for CPUs).
 """
@@ -15,8 +17,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
 
@@ -93,12 +96,18 @@ class CCT(nn.Module):
     """timm-style face: `num_features`, `forward_features(x) -> tokens [B, N, D]`,
     `forward_head(tokens, pre_logits=True) -> [B, D]` (sequence pooling), `head` (classifier)."""
 
-    def __init__(self, img_size: int = 32, in_chans: int = 3, num_classes: int = 0, embed_dim: int = 256,
+    def __init__(self, img_size: int | tuple[int, int] = 32, in_chans: int = 3, num_classes: int = 0, embed_dim: int = 256,
                  depth: int = 6, num_heads: int = 4, mlp_ratio: float = 2.0, kernel_size: int = 3,
                  n_conv_layers: int = 1, attn_drop_rate: float = 0.1, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.1, **_):
         super().__init__()
+        if not isinstance(img_size, int):  # timm passes (height, width) from a fixed-size pretrained config
+            height, width = img_size
+            if height != width:
+                raise ValueError(f"CCT takes square images, not {height}x{width}")
+            img_size = int(height)
         self.num_features = self.embed_dim = embed_dim
+        self.num_classes = num_classes
         self.num_heads = num_heads
         self.img_size = img_size
         self.tokenizer = Tokenizer(in_chans, embed_dim, kernel_size, n_conv_layers)
@@ -141,10 +150,10 @@ class CCT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _cct(depth: int, kernel_size: int, n_conv_layers: int, kwargs: dict, **defaults) -> CCT:
-    for timm_only in ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(timm_only, None)
-    return CCT(depth=depth, kernel_size=kernel_size, n_conv_layers=n_conv_layers, **{**defaults, **kwargs})
+def _cct(variant: str, pretrained: bool, depth: int, kernel_size: int, n_conv_layers: int, kwargs: dict,
+         **defaults) -> CCT:
+    return build_model_with_cfg(CCT, variant, pretrained, depth=depth, kernel_size=kernel_size,
+                                n_conv_layers=n_conv_layers, **{**defaults, **kwargs})
 
 
 # CCT-6/7 of ConTraCon: 256-d, 4 heads, MLP ratio 2
@@ -157,9 +166,20 @@ VARIANTS = {
     "cct_6_3x3": (6, 3, 3),  # ImageNet-100: 224 px -> 784 tokens
 }
 
+# fixed input size: the sinusoidal position embedding has one row per token of the size built for.
+# 32 px and a resize and centre crop of the whole image (selfsup's eval view); an export's config.json
+# carries its run's own size and normalisation instead
+default_cfgs = generate_default_cfgs({  # read by timm's register_model, so it comes before the registrations
+    f"selfsup_{name}": {"num_classes": 0, "input_size": (3, 32, 32), "fixed_input_size": True, "crop_pct": 1.0,
+                        "interpolation": "bilinear", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+                        "first_conv": "tokenizer.conv_layers.0", "classifier": "head"}
+    for name in (*VARIANTS, "cct_tiny_test")
+})
+
+
 def _make(name: str, depth: int, k: int, n: int):
     def fn(pretrained: bool = False, **kwargs):
-        return _cct(depth, k, n, kwargs)
+        return _cct(f"selfsup_{name}", pretrained, depth, k, n, kwargs)
 
     fn.__name__ = f"selfsup_{name}"
     fn.__qualname__ = fn.__name__
@@ -174,5 +194,5 @@ for _name, (_depth, _k, _n) in VARIANTS.items():
 @register_model
 def selfsup_cct_tiny_test(pretrained: bool = False, **kwargs):
     """tests: 2 layers, 32-d, 2 heads, one 3x3 conv (32 px -> 256 tokens)."""
-    return _cct(2, 3, 1, kwargs, embed_dim=32, num_heads=2)
+    return _cct("selfsup_cct_tiny_test", pretrained, 2, 3, 1, kwargs, embed_dim=32, num_heads=2)
 

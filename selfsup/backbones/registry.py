@@ -5,6 +5,7 @@ Adding a backbone is one decorated function anywhere in selfsup.backbones; nothi
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,9 @@ class BackboneSpec:
 
 _REGISTRY: dict[str, BackboneSpec] = {}
 FAMILIES = ("convnet", "vit")
+# the modules that register selfsup's own networks in timm's registry, as `selfsup_<name>`; they
+# import timm, so they are imported when a network is built, not with this registry
+TIMM_MODEL_MODULES = ("selfsup.backbones.small", "selfsup.backbones.cct")
 
 
 def register_backbone(name: str, *, family: str, timm_name: str, description: str = "", **defaults):
@@ -59,3 +63,9 @@ def create_backbone(name: str, **overrides):
     kwargs = {**spec.defaults, **{k: v for k, v in overrides.items() if v is not None}}
     net = spec.build(**kwargs)
     return Backbone(net, name=name, family=spec.family, timm_name=spec.timm_name, timm_kwargs=kwargs)
+
+
+def register_timm_models() -> None:
+    """Make every selfsup network known to `timm.create_model` under its `selfsup_*` name."""
+    for module in TIMM_MODEL_MODULES:
+        importlib.import_module(module)

@@ -2,18 +2,41 @@
 
 Their weights keep timm's ResNet key names; only the stem is different (3x3 instead of 7x7, no
 max-pool), so `timm.create_model("selfsup_resnet18_s1")` rebuilds the exact network.
+
+Every network here is built through timm's `build_model_with_cfg` with a default pretrained config,
+as timm's own are: `timm.create_model("local-dir:FOLDER", pretrained=True)` then loads the weights of
+a `submit export --format hf` folder (selfsup/export.py).
 """
 
 from __future__ import annotations
 
-from timm.models import register_model
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
 
-def _stride1_resnet(layers, channels, **kwargs):
-    for timm_only in ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(timm_only, None)
+def _cfg(**kwargs) -> dict:
+    # the eval view of selfsup at the 32 px these networks are made for (a resize and centre crop of the
+    # whole image); an export's config.json carries its run's own size and normalisation instead
+    return {"num_classes": 1000, "input_size": (3, 32, 32), "crop_pct": 1.0, "interpolation": "bilinear",
+            "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, **kwargs}
+
+
+# read by timm's register_model, so it comes before the decorated functions
+default_cfgs = generate_default_cfgs({
+    "selfsup_resnet18_s1": _cfg(first_conv="conv1", classifier="fc"),
+    "selfsup_resnet10_s1_w32": _cfg(first_conv="conv1", classifier="fc"),
+    "selfsup_resnet_tiny": _cfg(first_conv="conv1", classifier="fc"),
+    "selfsup_convnet4": _cfg(num_classes=0, first_conv="stages.0.0", classifier="head"),
+})
+
+
+def _stride1_resnet(variant: str, pretrained: bool, layers, channels, **kwargs):
+    return build_model_with_cfg(_build_stride1_resnet, variant, pretrained, layers=layers, channels=channels, **kwargs)
+
+
+def _build_stride1_resnet(layers, channels, **kwargs):
     kwargs.setdefault("zero_init_last", False)
     in_chans = kwargs.get("in_chans", 3)
     # a "deep" stem makes timm size bn1 and layer1's input as channels[0]; its 3-conv stem is then
@@ -29,17 +52,17 @@ def _stride1_resnet(layers, channels, **kwargs):
 
 @register_model
 def selfsup_resnet18_s1(pretrained: bool = False, **kwargs):
-    return _stride1_resnet((2, 2, 2, 2), (64, 128, 256, 512), **kwargs)
+    return _stride1_resnet("selfsup_resnet18_s1", pretrained, (2, 2, 2, 2), (64, 128, 256, 512), **kwargs)
 
 
 @register_model
 def selfsup_resnet10_s1_w32(pretrained: bool = False, **kwargs):
-    return _stride1_resnet((1, 1, 1, 1), (32, 64, 128, 256), **kwargs)
+    return _stride1_resnet("selfsup_resnet10_s1_w32", pretrained, (1, 1, 1, 1), (32, 64, 128, 256), **kwargs)
 
 
 @register_model
 def selfsup_resnet_tiny(pretrained: bool = False, **kwargs):
-    return _stride1_resnet((1, 1, 1, 1), (8, 16, 32, 64), **kwargs)
+    return _stride1_resnet("selfsup_resnet_tiny", pretrained, (1, 1, 1, 1), (8, 16, 32, 64), **kwargs)
 
 
 class ConvNet4(nn.Module):
@@ -58,6 +81,7 @@ class ConvNet4(nn.Module):
             prev = width
         self.stages = nn.Sequential(*blocks)
         self.num_features = prev
+        self.num_classes = num_classes
         self.feature_info = [dict(num_chs=w, reduction=2 ** (i + 1), module=f"stages.{i}") for i, w in enumerate(widths)]
         self.head = nn.Linear(prev, num_classes) if num_classes else nn.Identity()
         for m in self.modules():
@@ -84,6 +108,4 @@ class ConvNet4(nn.Module):
 
 @register_model
 def selfsup_convnet4(pretrained: bool = False, **kwargs):
-    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(timm_only, None)
-    return ConvNet4(**kwargs)
+    return build_model_with_cfg(ConvNet4, "selfsup_convnet4", pretrained, **kwargs)
