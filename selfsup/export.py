@@ -3,6 +3,9 @@
 The test of an export is `timm.create_model(timm_name, num_classes=0, **timm_kwargs)` followed by
 `load_state_dict(weights, strict=True)`; `create_timm_model_from_export` does exactly that.
 
+`export_hf` writes a Hugging Face hub folder instead (`config.json`, `model.safetensors`, `README.md`),
+which `timm.create_model("local-dir:FOLDER", pretrained=True)` loads with nothing else given.
+
 Accepted sources: a run folder (its `checkpoints/last.ckpt`), a Lightning `.ckpt` file, or a
 DeepSpeed ZeRO checkpoint folder (what Lightning's DeepSpeed strategy writes in place of a file).
 Every problem with a source is a one-line `UserError` naming the path.
@@ -17,22 +20,25 @@ import pickle
 import re
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from selfsup.core.atomic import write_atomic
+from selfsup.core.atomic import write_atomic, write_folder_atomic, write_text_atomic
 from selfsup.core.errors import UserError, unknown_choice
+from selfsup.core.run_folder import CONFIG_FILE, is_run_folder, load_run_config
 
-FORMATS = ("timm", "torchvision")
+FORMATS = ("timm", "torchvision")  # a .safetensors file (export_backbone)
+HF_FORMAT = "hf"  # a Hugging Face hub folder (export_hf)
+EXPORT_FORMATS = (*FORMATS, HF_FORMAT)
 BACKBONE_PREFIX = "backbone.net."
 # Lightning < 2.1 wrapped the LightningModule as `_forward_module`, DDP/DeepSpeed engines as `module`
 WRAPPER_PREFIXES = ("_forward_module.", "module.")
 REQUIRED_SELFSUP_KEYS = ("method", "backbone", "backbone_kwargs", "timm_name", "timm_kwargs", "config_hash")
-# timm model names registered by selfsup.backbones.small, which must be imported before timm knows them
+# timm names of selfsup's own networks, which timm knows once selfsup.backbones.register_timm_models has run
 SELFSUP_TIMM_PREFIX = "selfsup_"
 RUN_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 ZIP_MAGIC = b"PK\x03\x04"
@@ -272,18 +278,24 @@ def export_backbone(src: str | os.PathLike, out_path: str | os.PathLike, fmt: st
         raise unknown_choice("export format", fmt, FORMATS)
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":
-        raise UserError(f"{out_path}: the export is a safetensors file; name it *.safetensors")
+        raise UserError(
+            f"{out_path}: the export is a safetensors file; name it *.safetensors (or give --format {HF_FORMAT} for a folder)"
+        )
     checkpoint = load_checkpoint(src)
     selfsup_meta = checkpoint["selfsup"]
-    try:
-        weights = backbone_state_dict(checkpoint)
-    except UserError as error:
-        raise UserError(f"{src}: {error}") from None
+    weights = _backbone_weights(checkpoint, src)
     if fmt == "torchvision":
         weights = to_torchvision(weights, selfsup_meta["timm_name"])
     metadata = _export_metadata(selfsup_meta, checkpoint["global_step"], fmt)
     _write_safetensors_atomically(weights, out_path, metadata)
     return out_path
+
+
+def _backbone_weights(checkpoint: Mapping[str, Any], src: str | os.PathLike) -> dict[str, torch.Tensor]:
+    try:
+        return backbone_state_dict(checkpoint)
+    except UserError as error:
+        raise UserError(f"{src}: {error}") from None
 
 
 def _export_metadata(selfsup_meta: Mapping[str, Any], global_step: int, fmt: str) -> dict[str, str]:
@@ -340,7 +352,9 @@ def create_timm_model_from_export(path: str | os.PathLike) -> nn.Module:
     weights, metadata = load_export(path)
     timm_name = metadata["timm_name"]
     if timm_name.startswith(SELFSUP_TIMM_PREFIX):
-        import selfsup.backbones.small  # noqa: F401  (registers the selfsup_* names in timm)
+        from selfsup.backbones import register_timm_models
+
+        register_timm_models()
     model = timm.create_model(timm_name, pretrained=False, num_classes=0, **json.loads(metadata["timm_kwargs"]))
     try:
         model.load_state_dict(weights, strict=True)
@@ -350,3 +364,226 @@ def create_timm_model_from_export(path: str | os.PathLike) -> nn.Module:
             f"{path}: the weights do not fit timm's {timm_name}: {_state_dict_mismatch(expected, weights)}"
         ) from None
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face hub folders
+#
+# The layout is the one timm's hub loader reads (timm.models._hub.load_model_config_from_path, for
+# `local-dir:` and `hf-hub:` names): config.json holds `architecture` (the timm name), `num_classes`,
+# `model_args` (the constructor kwargs) and `pretrained_cfg` (input size, normalisation, resizing),
+# and model.safetensors the weights under timm's key names.
+
+HF_WEIGHTS = "model.safetensors"
+HF_CONFIG = "config.json"
+HF_CARD = "README.md"
+# selfsup's eval view (selfsup/data/views.py: eval_view) resizes the shorter side to the image size
+# (bilinear) and crops the centre: in timm's terms a crop_pct of 1.0
+EVAL_INTERPOLATION = "bilinear"
+EVAL_CROP_PCT = 1.0
+# the keys of a network's own pretrained config that describe its architecture (what timm needs to
+# adapt the stem or the classifier); the rest describes timm's ImageNet weights, not these
+ARCHITECTURE_CFG_KEYS = ("fixed_input_size", "first_conv", "classifier")
+RUN_DATA_KEYS = ("image_size", "mean", "std")
+
+
+def run_folder_of(src: str | os.PathLike) -> Path | None:
+    """The run folder that checkpoint source `src` belongs to: `src` itself, or the folder above
+    its `checkpoints/` (a `last.ckpt` file or ZeRO folder given directly); None for a loose checkpoint."""
+    path = Path(src)
+    if is_run_folder(path):
+        return path
+    if path.parent.name == RUN_CHECKPOINT.parent.name and is_run_folder(path.parent.parent):
+        return path.parent.parent
+    return None
+
+
+def check_hf_folder(out_dir: str | os.PathLike, force: bool = False) -> Path:
+    """A UserError unless `out_dir` can take a new export folder: missing, empty, or (with `force`)
+    a folder with files in it."""
+    out_dir = Path(out_dir)
+    if out_dir.suffix == ".safetensors":
+        raise UserError(f"{out_dir}: --format {HF_FORMAT} writes a folder; name it without .safetensors")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: a file is in the way; --format {HF_FORMAT} writes a folder there")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise UserError(f"{out_dir}: the folder has files in it; pass --force to replace it, or name a new folder")
+    return out_dir
+
+
+def export_hf(src: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool = False,
+              probe_tables: Sequence[str] = ()) -> Path:
+    """Write the backbone of checkpoint `src` as a Hugging Face hub folder `out_dir`: config.json,
+    model.safetensors (with the same metadata as `export_backbone`'s file) and README.md, a model card
+    that shows `probe_tables` (the tables `submit probe` printed for the run). The folder is filled
+    beside `out_dir` and renamed into place. Returns `out_dir`."""
+    out_dir = check_hf_folder(out_dir, force)
+    checkpoint = load_checkpoint(src)
+    selfsup_meta = checkpoint["selfsup"]
+    weights = _backbone_weights(checkpoint, src)
+    run_cfg = _run_config(checkpoint, src)
+    model = _timm_network(selfsup_meta, weights, src)
+    config = hf_config(model, selfsup_meta, run_cfg["data"])
+    card = model_card(selfsup_meta, run_cfg, checkpoint["global_step"], config, out_dir, probe_tables)
+    metadata = _export_metadata(selfsup_meta, checkpoint["global_step"], HF_FORMAT)
+
+    def fill(folder: Path) -> None:
+        _write_safetensors_atomically(weights, folder / HF_WEIGHTS, metadata)
+        write_text_atomic(folder / HF_CONFIG, json.dumps(config, indent=2) + "\n")
+        write_text_atomic(folder / HF_CARD, card)
+
+    return write_folder_atomic(out_dir, fill, replace=force)
+
+
+def _run_config(checkpoint: Mapping[str, Any], src: str | os.PathLike) -> dict[str, Any]:
+    """The config the run trained with: the one its checkpoints record, else its folder's config.yaml."""
+    from omegaconf import OmegaConf
+
+    recorded = checkpoint["selfsup"].get("config")
+    run = run_folder_of(src)
+    if isinstance(recorded, Mapping):
+        cfg, where = dict(recorded), f"{src}: the checkpoint's config"
+    elif run is not None:
+        cfg, where = OmegaConf.to_container(load_run_config(run), resolve=True), str(run / CONFIG_FILE)
+    else:
+        raise UserError(
+            f"{src}: the checkpoint records no config and is not in a run folder (no {CONFIG_FILE}); "
+            f"--format {HF_FORMAT} needs the run's image size and normalisation: export the run folder"
+        )
+    data = cfg.get("data")
+    missing = [key for key in RUN_DATA_KEYS if not isinstance(data, Mapping) or data.get(key) is None]
+    if missing:
+        raise UserError(f"{where} lacks {', '.join('data.' + key for key in missing)}")
+    return cfg
+
+
+def _timm_network(selfsup_meta: Mapping[str, Any], weights: Mapping[str, torch.Tensor], src: str | os.PathLike) -> nn.Module:
+    """The network timm builds from the export's config, on the meta device (shapes only), once
+    checked to take exactly these weights and to load pretrained weights the way timm's own do."""
+    import timm
+
+    from selfsup.backbones import backbone_names, get_spec, register_timm_models
+
+    timm_name = str(selfsup_meta["timm_name"])
+    register_timm_models()
+    if not timm.is_model(timm_name):
+        can = [name for name in backbone_names() if timm.is_model(get_spec(name).timm_name)]
+        raise UserError(
+            f"{src}: timm cannot build {selfsup_meta['backbone']!r} (timm name {timm_name!r}); "
+            f"--format {HF_FORMAT} exports these backbones: {', '.join(can)}"
+        )
+    with torch.device("meta"):  # shapes and the pretrained config only: no memory, no initialisation cost
+        model = timm.create_model(timm_name, pretrained=False, num_classes=0, **dict(selfsup_meta["timm_kwargs"]))
+    if not isinstance(getattr(model, "pretrained_cfg", None), Mapping):
+        # a network built without timm's build_model_with_cfg ignores pretrained=True: its folder would
+        # load with random weights
+        raise UserError(
+            f"{src}: timm builds {timm_name!r} without a pretrained config, so `pretrained=True` would not load "
+            f"its weights; export it with --format timm"
+        )
+    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    mismatch = _state_dict_mismatch(expected, weights)
+    if mismatch:
+        raise UserError(f"{src}: the weights do not fit timm's {timm_name}: {mismatch}")
+    return model
+
+
+def hf_config(model: nn.Module, selfsup_meta: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    """config.json: timm's network with no classifier, fed as selfsup's eval view fed it."""
+    from timm.models import PretrainedCfg
+
+    model_args = json.loads(json.dumps(dict(selfsup_meta["timm_kwargs"])))  # tuples -> lists, as JSON has them
+    size = int(data["image_size"])
+    pretrained_cfg = {key: model.pretrained_cfg[key] for key in ARCHITECTURE_CFG_KEYS if key in model.pretrained_cfg}
+    pretrained_cfg.update(
+        input_size=[int(model_args.get("in_chans", 3)), size, size],
+        interpolation=EVAL_INTERPOLATION,
+        crop_pct=EVAL_CROP_PCT,
+        crop_mode="center",
+        mean=[float(m) for m in data["mean"]],
+        std=[float(s) for s in data["std"]],
+        num_classes=0,
+    )
+    PretrainedCfg(**pretrained_cfg)  # every key is one this timm knows
+    return {
+        "architecture": str(selfsup_meta["timm_name"]),
+        "num_classes": 0,
+        "num_features": int(model.num_features),
+        "model_args": model_args,
+        "pretrained_cfg": pretrained_cfg,
+    }
+
+
+def model_card(selfsup_meta: Mapping[str, Any], run_cfg: Mapping[str, Any], global_step: int,
+               config: Mapping[str, Any], out_dir: Path, probe_tables: Sequence[str] = ()) -> str:
+    """README.md: what the weights are, how they were trained and scored, and how to load them."""
+    import timm
+
+    from selfsup.ssl import METHODS
+
+    method, backbone, arch = str(selfsup_meta["method"]), str(selfsup_meta["backbone"]), config["architecture"]
+    entry = METHODS.get(method)
+    method_text = f"`{method}` ({entry.summary})" if entry else f"`{method}`"
+    data = run_cfg["data"]
+    data_text = f"`{data.get('name')}`" + (f" (`{data['train']}`)" if data.get("train") else "")
+    channels, height, width = config["pretrained_cfg"]["input_size"]
+    trainer = run_cfg.get("trainer") or {}
+    devices = int(trainer.get("devices") or 1) * int(trainer.get("num_nodes") or 1)
+    registering = timm.models.model_entrypoint(arch).__module__
+    import_line = f"import {registering}  # registers {arch} with timm\n" if not registering.startswith("timm.") else ""
+    lines = [
+        "---",
+        "library_name: timm",
+        "tags:",
+        "- image-feature-extraction",
+        "- timm",
+        "- self-supervised",
+        "- selfsup",
+        "---",
+        "",
+        f"# {backbone} pretrained with {method}",
+        "",
+        f"A backbone pretrained by self-supervision with selfsup, as timm's `{arch}` without a classifier: "
+        f"an image in, a {config['num_features']}-d feature vector out.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| method | {method_text} |",
+        f"| backbone | `{backbone}`{_inline_json(selfsup_meta['backbone_kwargs'])}: timm's `{arch}`"
+        f"{_inline_json(config['model_args'])} |",
+        f"| data | {data_text} |",
+        f"| input | {channels} x {height} x {width} px, resized (shorter side, bilinear) and centre-cropped, "
+        f"mean{_inline_json(config['pretrained_cfg']['mean'])}, std{_inline_json(config['pretrained_cfg']['std'])} |",
+        f"| steps trained | {int(global_step)} (batch size {data.get('batch_size')} per device, {devices} "
+        f"device{'s' if devices != 1 else ''}) |",
+        f"| config hash | `{selfsup_meta['config_hash']}` |",
+        "",
+        "## Probe results",
+        "",
+    ]
+    if probe_tables:
+        lines.append("A linear probe and k-NN on the frozen features (`submit probe`):")
+        for table in probe_tables:
+            lines += ["", "```text", table.rstrip("\n"), "```"]
+    else:
+        lines.append("The run folder held no probe results when this was exported (`submit probe RUN` makes them).")
+    lines += [
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "import timm",
+        f"{import_line}model = timm.create_model(\"local-dir:{out_dir}\", pretrained=True).eval()",
+        "transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))",
+        "features = model(transform(image).unsqueeze(0))  # image: a PIL image",
+        "```",
+        "",
+        f"`hf-hub:USER/REPO` in place of `local-dir:...` loads the folder once it is uploaded to the hub. "
+        f"Pass `num_classes=N` to add a new, untrained classifier to fine-tune.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _inline_json(value: Any) -> str:
+    return f" `{json.dumps(value, sort_keys=True)}`" if value else ""

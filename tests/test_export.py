@@ -1,5 +1,6 @@
 """selfsup.export: checkpoints (fake, real Lightning, DeepSpeed ZeRO layout) -> safetensors that load
-strictly into timm (and torchvision for ResNets), and one-line errors for bad sources."""
+strictly into timm (and torchvision for ResNets), Hugging Face hub folders that
+`timm.create_model("local-dir:...", pretrained=True)` loads, and one-line errors for bad sources."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import timm
 import torch
@@ -21,12 +23,13 @@ import selfsup.backbones.small  # noqa: F401  (timm must know the selfsup_* name
 from selfsup import export
 from selfsup.backbones import backbone_names, create_backbone
 from selfsup.core.errors import UserError
+from selfsup.launch.cli import main
 
 CONVNET_INPUT_PX = 64  # small inputs keep the big convnets fast; weights do not depend on input size
 
 
-def selfsup_metadata(backbone, method="testmethod", config_hash="cafe1234", backbone_kwargs=None) -> dict:
-    return {
+def selfsup_metadata(backbone, method="testmethod", config_hash="cafe1234", backbone_kwargs=None, config=None) -> dict:
+    meta = {
         "method": method,
         "backbone": backbone.name,
         "backbone_kwargs": dict(backbone_kwargs or {}),
@@ -34,6 +37,16 @@ def selfsup_metadata(backbone, method="testmethod", config_hash="cafe1234", back
         "timm_kwargs": dict(backbone.timm_kwargs),
         "config_hash": config_hash,
     }
+    if config is not None:  # what a method records: the run's whole config
+        meta["config"] = config
+    return meta
+
+
+def run_config(mean: float, std: float, image_size: int = 32) -> dict:
+    """The parts of a run's config that an hf export reads."""
+    return {"data": {"name": "digits", "train": None, "image_size": image_size, "batch_size": 16,
+                     "mean": [mean] * 3, "std": [std] * 3},
+            "trainer": {"devices": 1, "num_nodes": 1}}
 
 
 def fake_checkpoint(backbone, global_step=7, **meta) -> dict:
@@ -189,22 +202,48 @@ def test_metadata_round_trips(tmp_path):
     assert_same_outputs(model, backbone, input_batch(backbone))
 
 
-def test_create_timm_model_registers_selfsup_names_itself(tmp_path):
-    """A user's fresh interpreter has not imported selfsup.backbones.small."""
-    backbone = create_backbone("resnet_tiny").eval()
-    out = export.export_backbone(save_fake_checkpoint(backbone, tmp_path / "m.ckpt"), tmp_path / "m.safetensors")
-    x = input_batch(backbone)
-    torch.save(x, tmp_path / "x.pt")
+def test_a_fresh_interpreter_loads_exports_of_selfsup_networks(tmp_path):
+    """A user's fresh interpreter has imported neither selfsup.backbones.small nor .cct:
+    create_timm_model_from_export registers both itself, and an hf folder's model card says what to
+    import. One subprocess checks the ResNet and CCT files and the CCT folder's card, run as written
+    on a 32 px image (so timm's resize is the identity and only the normalisation acts)."""
+    from PIL import Image
+
+    checks, expected = [], {}
+    for name in ("resnet_tiny", "cct_tiny_test"):
+        torch.manual_seed(0)
+        backbone = create_backbone(name).eval()
+        checkpoint = save_fake_checkpoint(backbone, tmp_path / f"{name}.ckpt")
+        out = export.export_backbone(checkpoint, tmp_path / f"{name}.safetensors")
+        x = input_batch(backbone)
+        with torch.no_grad():
+            expected[name] = (x, backbone(x))
+        checks.append(f"model = create_timm_model_from_export({str(out)!r}).eval()\n"
+                      f"x, want = expected[{name!r}]\n"
+                      "assert (model(x) - want).abs().max() < 1e-5\n")
+    folder = export.export_hf(save_fake_checkpoint(backbone, tmp_path / "run.ckpt", config=run_config(0.4, 0.2)),
+                              tmp_path / "hf")
+    image = Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy())
+    image.save(tmp_path / "image.png")
+    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float()[None] / 255
     with torch.no_grad():
-        torch.save(backbone(x), tmp_path / "expected.pt")
+        expected["card"] = backbone((pixels - 0.4) / 0.2)
+    torch.save(expected, tmp_path / "expected.pt")
+    card = (folder / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0]
+    assert "import selfsup.backbones.cct" in snippet
     script = (
         "import sys, torch\n"
+        "from PIL import Image\n"
         "from selfsup.export import create_timm_model_from_export\n"
-        "assert 'selfsup.backbones.small' not in sys.modules\n"
-        f"model = create_timm_model_from_export({str(out)!r}).eval()\n"
-        f"x, expected = torch.load({str(tmp_path / 'x.pt')!r}), torch.load({str(tmp_path / 'expected.pt')!r})\n"
+        "assert not {'selfsup.backbones.small', 'selfsup.backbones.cct'} & set(sys.modules)\n"
+        f"expected = torch.load({str(tmp_path / 'expected.pt')!r})\n"
         "with torch.no_grad():\n"
-        "    assert (model(x) - expected).abs().max() < 1e-5\n"
+        + "".join("".join(f"    {line}\n" for line in check.splitlines()) for check in checks)
+        + f"image = Image.open({str(tmp_path / 'image.png')!r}).convert('RGB')\n"
+        "torch.set_grad_enabled(False)\n"
+        + snippet
+        + "assert (features - expected['card']).abs().max() < 1e-4, (features - expected['card']).abs().max()\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parents[1])
 
@@ -401,14 +440,28 @@ class TinyMethod(L.LightningModule):
         checkpoint["selfsup"] = selfsup_metadata(self.backbone, method="tiny")
 
 
-def test_a_real_lightning_checkpoint_exports_to_timm(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(the trained TinyMethod, its run folder): two real Lightning steps, the checkpoint at
+    checkpoints/last.ckpt. The checkpoint records no config: the run folder's config.yaml holds it."""
+    from omegaconf import OmegaConf
+
+    from selfsup.core.run_folder import write_run_config
+
     torch.manual_seed(0)
     method = TinyMethod()
+    root = tmp_path_factory.mktemp("tiny")
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
+                        enable_model_summary=False, default_root_dir=root)
     trainer.fit(method)
-    run = tmp_path / "runs" / "tiny-resnet_tiny"
+    run = root / "runs" / "tiny-resnet_tiny"
     trainer.save_checkpoint(run / "checkpoints" / "last.ckpt")
+    write_run_config(run, OmegaConf.create(run_config(0.25, 0.5)))
+    return method, run
+
+
+def test_a_real_lightning_checkpoint_exports_to_timm(tiny_run, tmp_path, monkeypatch):
+    method, run = tiny_run
 
     load_calls = []
     real_load = torch.load
@@ -505,3 +558,185 @@ def test_a_zero_checkpoint_folder_exports_the_fp32_master_weights(tmp_path):
     zero_folder = run / "checkpoints" / "last.ckpt"  # the ZeRO folder itself is a source too
     direct, _ = export.load_export(export.export_backbone(zero_folder, tmp_path / "direct.safetensors"))
     assert all(torch.equal(direct[key], weights[key]) for key in weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face hub folders (--format hf)
+
+
+def hf_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_test", "resnet_tiny", "convnet4", "cct_tiny_test"])
+def test_an_hf_folder_loads_with_local_dir_alone(name, tmp_path):
+    """timm's ResNet and ViT, and selfsup's own networks (registered with timm by their modules,
+    imported at the top of this file): `pretrained=True` and the folder are all timm needs."""
+    torch.manual_seed(0)
+    backbone = create_backbone(name).eval()
+    checkpoint = save_fake_checkpoint(backbone, tmp_path / "m.ckpt", global_step=5, config=run_config(0.3, 0.4))
+
+    folder = export.export_hf(checkpoint, tmp_path / "hf")
+
+    assert hf_files(folder) == ["README.md", "config.json", "model.safetensors"]
+    assert hf_files(tmp_path) == ["hf", "m.ckpt"]  # no temporary folder left beside it
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    loaded = model.state_dict()
+    for key, tensor in backbone.net.state_dict().items():  # the weights, not timm's random init
+        assert torch.equal(loaded[key], tensor), key
+    assert_same_outputs(model, backbone, input_batch(backbone))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == backbone.timm_name and config["num_classes"] == 0
+    assert config["model_args"] == json.loads(json.dumps(backbone.timm_kwargs))
+    data_config = timm.data.resolve_model_data_config(model)  # what timm's transforms will do
+    assert tuple(data_config["input_size"]) == (3, 32, 32)
+    assert data_config["mean"] == [0.3] * 3 and data_config["std"] == [0.4] * 3
+    assert data_config["crop_pct"] == 1.0 and data_config["interpolation"] == "bilinear"
+    _, metadata = export.load_export(folder / "model.safetensors")  # the weights file is a selfsup export too
+    assert metadata["format"] == "hf" and metadata["global_step"] == "5"
+
+
+def test_an_hf_folder_takes_a_new_classifier(tmp_path):
+    backbone = create_backbone("vit_tiny_test").eval()
+    folder = export.export_hf(save_fake_checkpoint(backbone, tmp_path / "m.ckpt", config=run_config(0.5, 0.5)),
+                              tmp_path / "hf")
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=7).eval()
+    assert model(input_batch(backbone, batch=2)).shape == (2, 7)
+    assert torch.equal(model.state_dict()["blocks.1.mlp.fc2.weight"], backbone.net.state_dict()["blocks.1.mlp.fc2.weight"])
+
+
+def write_probe_result(run: Path, global_step: int) -> dict:
+    """probe.json as `submit probe` writes it: the classification target's record (scored here on
+    separable random features: the features of a real probe take too long for this test)."""
+    from selfsup.eval.probe import probe_config
+    from selfsup.eval.targets import get_target
+
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=generator) * 4
+    split = {}
+    for name, n in (("train", 120), ("test", 60)):
+        labels = torch.arange(n) % 3
+        split[name] = {"all": (centres[labels] + torch.randn(n, 8, generator=generator), labels)}
+    cfg = probe_config(["data=digits"], None)
+    record = get_target("classification").evaluate(split, cfg)
+    record.update({"eval_target": "classification", "target": str(run), "global_step": global_step,
+                   "data": {"name": "digits"}, "probe": {}})
+    (run / "probe.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def test_submit_export_hf_of_a_real_run_writes_a_model_card(tiny_run, tmp_path, capsys):
+    method, run = tiny_run
+    record = write_probe_result(run, global_step=2)
+    out = tmp_path / "tiny-hf"
+
+    assert main(["export", str(run), "--format", "hf", "-o", str(out)]) == 0
+
+    assert "local-dir:" in capsys.readouterr().out
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert_same_outputs(model, method.backbone, torch.randn(2, 3, 16, 16))  # the trained weights
+    pretrained_cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]
+    assert pretrained_cfg["mean"] == [0.25] * 3 and pretrained_cfg["std"] == [0.5] * 3  # from config.yaml
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: timm\n")
+    assert "# resnet_tiny pretrained with tiny" in card
+    assert "| steps trained | 2 " in card and "| data | `digits` |" in card
+    assert f"{record['linear']['top1']:.2f}" in card and f"{record['knn']['top1']:.2f}" in card
+    assert "probe of the run at step 2, data=digits" in card
+    assert f'timm.create_model("local-dir:{out}", pretrained=True)' in card
+    assert "import selfsup.backbones.small" in card
+
+
+def test_an_hf_export_of_a_checkpoint_file_reads_its_run_folder(tiny_run, tmp_path):
+    method, run = tiny_run
+    folder = export.export_hf(run / "checkpoints" / "last.ckpt", tmp_path / "hf")
+    assert json.loads((folder / "config.json").read_text())["pretrained_cfg"]["std"] == [0.5] * 3
+
+
+def test_an_hf_export_needs_the_run_config(tmp_path):
+    loose = save_fake_checkpoint(create_backbone("resnet_tiny"), tmp_path / "loose.ckpt")  # records no config
+    with pytest.raises(UserError) as excinfo:
+        export.export_hf(loose, tmp_path / "hf")
+    assert_one_line_user_error(excinfo, str(loose), "image size and normalisation", "run folder")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_an_hf_export_refuses_a_network_timm_cannot_build(tmp_path):
+    backbone = create_backbone("resnet_tiny")
+    checkpoint = fake_checkpoint(backbone, config=run_config(0.5, 0.5))
+    checkpoint["selfsup"]["timm_name"] = "selfsup_not_a_network"
+    torch.save(checkpoint, tmp_path / "m.ckpt")
+    with pytest.raises(UserError) as excinfo:
+        export.export_hf(tmp_path / "m.ckpt", tmp_path / "hf")
+    assert_one_line_user_error(excinfo, "selfsup_not_a_network", "resnet_tiny", "cct_tiny_test", "vit_tiny_test")
+
+
+class PlainNet(nn.Module):
+    def __init__(self, num_classes=0, **_):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3)
+        self.num_features = 4
+
+
+@timm.models.register_model
+def plain_net_without_pretrained_cfg(pretrained=False, **kwargs):
+    """A network timm builds without build_model_with_cfg, so it never loads pretrained weights."""
+    return PlainNet(**kwargs)
+
+
+def test_an_hf_export_refuses_a_network_that_ignores_pretrained(tmp_path):
+    backbone = create_backbone("resnet_tiny")
+    checkpoint = fake_checkpoint(backbone, config=run_config(0.5, 0.5))
+    checkpoint["selfsup"]["timm_name"] = "plain_net_without_pretrained_cfg"
+    checkpoint["state_dict"] = {f"backbone.net.{k}": v for k, v in PlainNet().state_dict().items()}
+    torch.save(checkpoint, tmp_path / "m.ckpt")
+    with pytest.raises(UserError) as excinfo:
+        export.export_hf(tmp_path / "m.ckpt", tmp_path / "hf")
+    assert_one_line_user_error(excinfo, "plain_net_without_pretrained_cfg", "pretrained config", "--format timm")
+
+
+def submit_refused(capsys, *args) -> str:
+    code = main(["export", *map(str, args)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_submit_export_refusals_are_one_line(tmp_path, capsys):
+    checkpoint = save_fake_checkpoint(create_backbone("resnet_tiny"), tmp_path / "m.ckpt", config=run_config(0.5, 0.5))
+    line = submit_refused(capsys, checkpoint, "--format", "onnx", "-o", tmp_path / "x")
+    assert "'onnx'" in line and "hf, timm, torchvision" in line
+    assert "without .safetensors" in submit_refused(capsys, checkpoint, "--format", "hf", "-o", tmp_path / "x.safetensors")
+    (tmp_path / "run").mkdir()  # a folder without a checkpoint
+    line = submit_refused(capsys, tmp_path / "run", "--format", "hf", "-o", tmp_path / "out")
+    assert str(tmp_path / "run") in line and "checkpoints/last.ckpt" in line
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    line = submit_refused(capsys, checkpoint, "--format", "hf", "-o", taken)
+    assert str(taken) in line and "--force" in line
+    assert hf_files(taken) == ["notes.txt"]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()
+
+    assert main(["export", str(checkpoint), "--format", "hf", "-o", str(taken), "--force"]) == 0
+    assert hf_files(taken) == ["README.md", "config.json", "model.safetensors"]
+    (tmp_path / "empty").mkdir()  # an empty folder needs no --force
+    assert main(["export", str(checkpoint), "--format", "hf", "-o", str(tmp_path / "empty")]) == 0
+
+
+def test_an_hf_folder_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    checkpoint = save_fake_checkpoint(create_backbone("resnet_tiny"), tmp_path / "m.ckpt", config=run_config(0.5, 0.5))
+    folder = export.export_hf(checkpoint, tmp_path / "out" / "hf")
+    before = {name: (folder / name).read_bytes() for name in hf_files(folder)}
+
+    def fail_midway(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", fail_midway)
+    with pytest.raises(OSError, match="disk full"):
+        export.export_hf(checkpoint, folder, force=True)
+    with pytest.raises(OSError, match="disk full"):
+        export.export_hf(checkpoint, tmp_path / "out" / "new")
+    assert {name: (folder / name).read_bytes() for name in hf_files(folder)} == before  # the old folder, intact
+    assert hf_files(tmp_path / "out") == ["hf"]  # no new folder, no temporary one

@@ -13,11 +13,13 @@ Cheap to import (no torch): the target modules are imported on the first look-up
 from __future__ import annotations
 
 import importlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
-from selfsup.core.errors import unknown_choice
+from selfsup.core.errors import UserError, unknown_choice
 
 # the modules that register the targets (imported on the first look-up, not by this module's import:
 # they import torch, and they import this module)
@@ -105,3 +107,20 @@ def get_target(name: str) -> EvalTarget:
     if name not in _REGISTRY:
         raise unknown_choice("eval target (data.eval_target)", name, _REGISTRY)
     return _REGISTRY[name]
+
+
+def saved_results(run_dir: str | Path) -> list[ProbeResult]:
+    """The results `submit probe` wrote into run folder `run_dir`: one per eval target probed, in the
+    order of the targets' names."""
+    results = []
+    for name in target_names():
+        target = _REGISTRY[name]
+        path = Path(run_dir) / target.result_file
+        if not path.is_file():
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UserError(f"{path}: not a readable probe result ({type(error).__name__}); run `submit probe` again") from None
+        results.append(target.result_type(name, record))
+    return results

@@ -14,6 +14,7 @@ EPILOG = """examples:
   submit pretrain rotnet resnet18 resume=runs/rotnet-resnet18-20261126-101500
   submit probe runs/rotnet-convnet4-20261126-101500 data=fashion_mnist
   submit export runs/rotnet-convnet4-20261126-101500 -o backbone.safetensors
+  submit export runs/rotnet-convnet4-20261126-101500 --format hf -o rotnet-convnet4   # config.json, weights, model card
   submit shards ./my_images ./my_shards
   submit continual contracon cct_6_3x2 data=split_fashion_mnist tasks=5   # ConTraCon, tasks learnt in order
   submit shards atari ./atari_shards --games Pong,Breakout --frames 100000   # ordered episodes for tov_vicreg
@@ -41,10 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="a run folder, a .ckpt, a .safetensors export, random:<backbone> (baseline) or pixels (baseline)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=fashion_mnist probe.train_samples=10000")
 
-    p = sub.add_parser("export", help="write a run's backbone as timm-ready .safetensors")
+    p = sub.add_parser("export", help="write a run's backbone as timm-ready .safetensors, or a Hugging Face hub folder")
     p.add_argument("source", help="a run folder, a .ckpt file or a DeepSpeed checkpoint folder")
-    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
-    p.add_argument("--format", choices=("timm", "torchvision"), default="timm", help="key names to use (default: timm)")
+    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write (--format hf: the folder)")
+    # checked by the command (a one-line error), not by argparse's choices (usage and error: two lines)
+    p.add_argument("--format", default="timm",
+                   help="timm or torchvision: a .safetensors file with those key names; hf: a folder for the "
+                        "Hugging Face hub that timm.create_model('local-dir:DIR', pretrained=True) loads (default: timm)")
+    p.add_argument("--force", action="store_true", help="--format hf: replace a folder that has files in it")
 
     p = sub.add_parser("continual", help="learn a sequence of classification tasks (ConTraCon), resumable per task")
     p.add_argument("method", help="a continual method: contracon")

@@ -173,10 +173,23 @@ def continual(args) -> int:
 
 
 def export(args) -> int:
-    from selfsup.export import export_backbone
+    from selfsup.core.errors import unknown_choice
+    from selfsup.export import EXPORT_FORMATS, HF_FORMAT, check_hf_folder, export_backbone, export_hf, run_folder_of
 
-    out = export_backbone(args.source, args.output, fmt=args.format)
-    print(f"selfsup: wrote {out}")
+    if args.format not in EXPORT_FORMATS:
+        raise unknown_choice("export format (--format)", args.format, EXPORT_FORMATS)
+    if args.format != HF_FORMAT:
+        out = export_backbone(args.source, args.output, fmt=args.format)
+        print(f"selfsup: wrote {out}")
+        return 0
+    check_hf_folder(args.output, args.force)
+    from selfsup.eval.targets import saved_results
+
+    run = run_folder_of(args.source)
+    tables = [result.table(f"the run at step {result['global_step']}, data={result['data']['name']}")
+              for result in (saved_results(run) if run else [])]
+    out = export_hf(args.source, args.output, force=args.force, probe_tables=tables)
+    print(f"selfsup: wrote {out}/ (timm.create_model('local-dir:{out}', pretrained=True) loads it; see its README.md)")
     return 0
 
 
