@@ -12,11 +12,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from selfsup.core.errors import UserError
+from selfsup.data.remote import is_pipe, is_url, remote_index
 
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".bmp": "bmp", ".webp": "webp", ".ppm": "ppm"}
 INDEX_FILE = "index.json"
@@ -165,6 +167,9 @@ def write_shards_from(src: str, out: str | Path, samples_per_shard: int = 5000) 
     return write_shards(samples, out, prefix="shard", total=total, classes=classes, samples_per_shard=samples_per_shard)
 
 
-def read_index(folder: Path) -> dict | None:
-    path = Path(folder) / INDEX_FILE
+def read_index(folder: Path | str) -> dict | None:
+    """The index.json of a shard folder, or of a folder URL (read over HTTP(S)); None where there is none."""
+    if not isinstance(folder, Path) and is_url(folder):
+        return remote_index(folder)
+    path = Path(str(folder).removeprefix("file://")) / INDEX_FILE
     return json.loads(path.read_text()) if path.exists() else None
