@@ -221,15 +221,24 @@ def check_shard_options(args) -> None:
 
 
 def shards(args) -> int:
+    from selfsup.data.remote import is_pipe
+    from selfsup.data.shards import check_pipe_destination, index_destination
+
     check_shard_options(args)
+    piped = is_pipe(args.output)
+    if piped:
+        check_pipe_destination(args.output)
+    out = args.output if piped else Path(args.output)
     kind = shard_source(args.source)
     if kind is not None:
-        print(kind.write(Path(args.output), vars(args)))
-        return 0
-    from selfsup.data.shards import write_shards_from
+        print(kind.write(out, vars(args)))
+    else:
+        from selfsup.data.shards import write_shards_from
 
-    written = write_shards_from(args.source, args.output, samples_per_shard=args.samples_per_shard or 5000)
-    print(f"selfsup: wrote {len(written)} shards to {args.output}")
+        written = write_shards_from(args.source, out, samples_per_shard=args.samples_per_shard or 5000)
+        print(f"selfsup: wrote {len(written)} shards to {args.output}")
+    if piped:
+        print(f"selfsup: index.json went last, through {index_destination(args.output)!r}")
     return 0
 
 
