@@ -1,7 +1,7 @@
 """Reading shards that are not local files: `http(s)://` URLs and `pipe:` commands.
 
 webdataset opens both by running a command (curl for http) and reads its output to the end. Nothing
-there limits how long a server that stops sending is waited for, and curl cannot resume a transfer
+there limits how long a server that goes quiet is waited for, and curl cannot resume a transfer
 into a pipe: its retry writes the shard again from the first byte, after the part already read. So
 an HTTP shard is read here with urllib instead: every connect and read has a timeout, and a
 connection that drops or stalls is resumed at the byte it reached (an HTTP Range request; from a
@@ -183,7 +183,7 @@ class PipeShard:
         self.command = url[len(PIPE):]
         self.timeout = settings.timeout
         self._proc = subprocess.Popen(self.command, shell=True, stdout=subprocess.PIPE, bufsize=0,
-                                      start_new_session=True)
+                                      process_group=0)
 
     def read(self, n: int = -1) -> bytes:
         fd = self._proc.stdout.fileno()

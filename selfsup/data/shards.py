@@ -108,7 +108,7 @@ def _write_through_pipe(samples: Iterable[dict], pattern: str, samples_per_shard
     except OSError as err:  # the command failed: its own message went to stderr
         status = re.search(r": exit (-?\d+) \(read\)", str(err))  # how webdataset's Pipe reports an exit status
         reason = (f"a command exited with status {status.group(1)}" if status else
-                  "a command stopped reading its input" if isinstance(err, BrokenPipeError) else f"{type(err).__name__}: {err}")
+                  "a command closed its input early" if isinstance(err, BrokenPipeError) else f"{type(err).__name__}: {err}")
         raise UserError(f"writing shards through {pattern!r} failed ({reason}): see the command's message above") from None
     return [pattern % i for i in range(len(counts))]
 
