@@ -43,6 +43,8 @@ NUMBER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.prefetch_factor": (_positive, "a positive number of batches each worker prepares ahead"),
     "data.shuffle_buffer": (_non_negative, "0 (no shuffling) or a positive number of samples"),
     "data.epoch_samples": (_positive, "a positive number of samples per epoch, or null for the dataset size"),
+    "data.read_timeout": (_positive, "a positive number of seconds a remote shard may send nothing, e.g. 60"),
+    "data.read_retries": (_non_negative, "0 (skip a remote shard at its first failure) or more retries"),
     "optim.lr": (_positive, "a positive learning rate, e.g. 1e-3"),
     "optim.base_batch": (_positive, "a positive number of images (the batch that optim.lr is given for)"),
     "optim.weight_decay": (_non_negative, "0 or more"),

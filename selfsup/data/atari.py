@@ -226,8 +226,9 @@ def write_atari_shards(out: str | Path, games: list[str] | tuple[str, ...] = DEF
                        test_frames: int | None = None, seed: int = 0, samples_per_shard: int = 20,
                        max_episode_frames: int = MAX_EPISODE_FRAMES, chunk_starts: int = CHUNK_STARTS) -> dict:
     """`submit shards atari OUT`: OUT/train and OUT/test (held-out episodes: other seeds), each with
-    index.json counting temporal samples (stack starts) per shard. Returns timing and counts."""
-    from selfsup.data.shards import write_shards
+    index.json counting temporal samples (stack starts) per shard (OUT may be a pipe: destination with
+    `{split}`, selfsup/data/shards.py). Returns timing and counts."""
+    from selfsup.data.shards import split_destination, write_shards
     from selfsup.core.progress import progress_bar
 
     games = check_games(list(games))
@@ -236,7 +237,7 @@ def write_atari_shards(out: str | Path, games: list[str] | tuple[str, ...] = DEF
     if max_episode_frames < STACK + 2 * OFFSET:
         raise UserError(f"--max-episode-frames {max_episode_frames} is too short (at least {STACK + 2 * OFFSET})")
     test_frames = frames // 5 if test_frames is None else test_frames
-    out = Path(out)
+    destinations = {split: split_destination(out, split) for split in ("train", "test")}  # a folder or pipe:
     report = {"games": games, "splits": {}}
     for split, n, split_seed in (("train", frames, seed), ("test", test_frames, seed + 1)):
         if n <= 0:
@@ -247,7 +248,7 @@ def write_atari_shards(out: str | Path, games: list[str] | tuple[str, ...] = DEF
         with progress_bar(total=n, desc=f"atari/{split} ({'+'.join(games)})", unit="frame") as bar:
             samples = split_samples(games, n, split, split_seed, stats, max_episode_frames, chunk_starts,
                                     played=bar.update)
-            write_shards(samples, out / split, prefix=split,
+            write_shards(samples, destinations[split], prefix=split,
                          samples_per_shard=samples_per_shard, progress=False,
                          weight=lambda s: json.loads(s["json"])["own"],
                          extra=lambda stats=stats, split_seed=split_seed: {"atari": {

@@ -20,8 +20,9 @@ class DataKind:
     name: str
     # (split, cache_dir or None) -> the split's shard folder in the cache, written on first use
     cached_split: Callable[[str, str | Path | None], Path]
-    # (OUT, the options of `submit shards`) -> writes OUT/train and OUT/test; returns the report to print
-    write: Callable[[Path, Mapping[str, Any]], str]
+    # (OUT, the options of `submit shards`) -> writes OUT/train and OUT/test (OUT a folder, or a pipe:
+    # destination with {split}: selfsup/data/shards.py); returns the report to print
+    write: Callable[[Path | str, Mapping[str, Any]], str]
     aliases: tuple[str, ...] = ()  # data config names that read the same shards
 
 
@@ -33,7 +34,7 @@ def _labelled_arrays(name: str) -> DataKind:
 
         return builtin_shards(name, split, cache_dir)
 
-    def write(out: Path, options: Mapping[str, Any]) -> str:
+    def write(out: Path | str, options: Mapping[str, Any]) -> str:
         from selfsup.data.shards import write_shards_from
 
         written = write_shards_from(name, out, samples_per_shard=options.get("samples_per_shard") or 5000)
@@ -48,7 +49,7 @@ def _atari_cached_split(split: str, cache_dir: str | Path | None) -> Path:
     return atari_cache(split, cache_dir)
 
 
-def _write_atari(out: Path, options: Mapping[str, Any]) -> str:
+def _write_atari(out: Path | str, options: Mapping[str, Any]) -> str:
     from selfsup.data.atari import report_line, write_atari_shards
 
     report = write_atari_shards(out, options["games"].split(","), frames=options["frames"],

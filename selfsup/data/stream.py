@@ -4,7 +4,8 @@ One code path for every dataset: built-in data is written to shards once and str
 user's shards. Training streams are endless (shards are cycled, or resampled) and cut into epochs
 of a fixed number of batches per rank, so every rank runs the same number of steps (no DDP hang).
 A sample that fails to decode is skipped and counted (a shared counter, read by the module's
-logging), never fatal.
+logging), never fatal; so is a shard that cannot be read to its end (a remote one after its retries,
+selfsup/data/remote.py), counted on a counter of its own.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 
 from selfsup.data.contract import TrainView, as_train_view
+from selfsup.data.remote import ReadSettings, ShardOpener, is_url, shard_folder
 from selfsup.data.shards import read_index
 from selfsup.data.tarstream import use_fast_tar_reader
 from selfsup.data.views import ViewCollate
@@ -32,13 +34,15 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
 
 
 def expand_urls(spec: str | list[str]) -> list[str]:
-    """A folder of shards, a brace pattern (`data/train-{000000..000009}.tar`), a glob, a URL, or a list."""
+    """A folder of shards, a brace pattern (`data/train-{000000..000009}.tar`), a glob, a URL
+    (`http://host/train-{000000..000099}.tar`, `pipe:COMMAND`), or a list. Local shards must exist;
+    remote ones are not looked for here (a shard that cannot be read is skipped and counted)."""
     import braceexpand
 
     if isinstance(spec, (list, tuple)):
         return [u for s in spec for u in expand_urls(s)]
     spec = str(spec)
-    if "://" in spec and not spec.startswith("file://"):
+    if is_url(spec):
         return list(braceexpand.braceexpand(spec))
     spec = spec.removeprefix("file://")
     path = Path(spec).expanduser()
@@ -55,25 +59,40 @@ def expand_urls(spec: str | list[str]) -> list[str]:
 
 
 def count_samples(spec: str | list[str]) -> int | None:
-    """Samples in the shards, from the index.json that `submit shards` writes (None if unknown)."""
-    urls = expand_urls(spec)
+    """Samples in the shards, from the index.json that `submit shards` writes beside them (read over
+    HTTP for http(s) shards); None if unknown (no index, a shard it does not list, pipe: shards)."""
     total = 0
-    indexes: dict[Path, dict | None] = {}
-    for url in urls:
-        folder = Path(url).parent
+    indexes: dict = {}
+    for url in expand_urls(spec):
+        folder, name = shard_folder(url)
+        if folder is None:
+            return None
         if folder not in indexes:
             indexes[folder] = read_index(folder)
         index = indexes[folder]
-        if index is None or Path(url).name not in index["shards"]:
+        if index is None or name not in index["shards"]:
             return None
-        total += index["shards"][Path(url).name]
+        total += index["shards"][name]
     return total
 
 
 def dataset_classes(spec: str | list[str]) -> list[str] | None:
-    urls = expand_urls(spec)
-    index = read_index(Path(urls[0]).parent)
+    folder, _ = shard_folder(expand_urls(spec)[0])
+    index = read_index(folder) if folder is not None else None
     return index.get("classes") if index else None
+
+
+def unknown_size(spec) -> UserError:
+    """The one-line error for shards whose number of samples nothing records."""
+    first = expand_urls(spec)[0]
+    folder, _ = shard_folder(first)
+    if folder is None:
+        where = "pipe: shards carry no index.json"
+    elif is_url(first):
+        where = f"no {folder}/index.json"
+    else:
+        where = "no index.json"
+    return UserError(f"the size of {spec!r} is unknown ({where}): set data.epoch_samples=<N> (samples per epoch)")
 
 
 JPEG_KEYS = ("jpg", "jpeg")
@@ -96,6 +115,23 @@ def decode_image(data: bytes, ext: str = "jpg") -> torch.Tensor:
 
     with Image.open(io.BytesIO(data)) as img:
         return as_uint8_image(img.convert("RGB"))
+
+
+class ShardFailures:
+    """The error handler of the shard readers: a shard that cannot be opened or read to its end is
+    logged, counted on `counter` (a shared multiprocessing.Value, or None) and skipped; what was read
+    of it before the failure is kept."""
+
+    def __init__(self, counter: multiprocessing.Value | None = None):
+        self.counter = counter
+
+    def __call__(self, exn: Exception) -> bool:
+        if self.counter is not None:
+            with self.counter.get_lock():
+                self.counter.value += 1
+        *reason, url = exn.args or ("?",)
+        log.warning("skipping the rest of shard %s: %s", url, " ".join(map(str, reason)) or type(exn).__name__)
+        return True
 
 
 class SampleDecoder:
@@ -188,10 +224,12 @@ def seeded_shuffle(bufsize: int, initial: int, seed: int, stage_name: str) -> Ca
 
 
 def make_stream(urls, decoder, *, batch_size, num_workers, shuffle_buffer, resampled, seed, batches_per_rank=None,
-                expand: Callable | None = None, prefetch_factor: int | None = None, collation_fn: Callable = None):
+                expand: Callable | None = None, prefetch_factor: int | None = None, collation_fn: Callable = None,
+                read: ReadSettings | None = None, skipped_shards: multiprocessing.Value | None = None):
     """Endless training stream (batches_per_rank set) or a single ordered pass (None). `expand` (an
     iterator -> iterator stage) turns each stored sample into several (e.g. an episode chunk into its
-    temporal samples, see selfsup.data.temporal); the shuffle buffer then mixes what it yields."""
+    temporal samples, see selfsup.data.temporal); the shuffle buffer then mixes what it yields.
+    `read`: timeouts and retries of remote shards; `skipped_shards` counts the shards not read to the end."""
     import webdataset as wds
 
     training = batches_per_rank is not None
@@ -210,7 +248,10 @@ def make_stream(urls, decoder, *, batch_size, num_workers, shuffle_buffer, resam
         seed=seed,
         handler=wds.warn_and_continue,
     )
-    use_fast_tar_reader(dataset, handler=wds.warn_and_continue)  # webdataset's, less its tarfile overhead
+    # webdataset's pipeline, with the shard opener of selfsup.data.remote (timeouts, resumed HTTP reads) and
+    # the tar reader of selfsup.data.tarstream (webdataset's, less its tarfile overhead)
+    failures = ShardFailures(skipped_shards)
+    use_fast_tar_reader(dataset, handler=failures, opener=ShardOpener(read or ReadSettings(), failures))
     if training and not resampled:
         dataset = dataset.repeat()
     if expand is not None:
@@ -242,11 +283,12 @@ class ShardDataModule(LightningDataModule):
         self.seed = seed
         self._view: TrainView | None = None  # the view of the current stream (batch stage after transfer)
         self.skipped = multiprocessing.get_context("fork").Value("l", 0)
+        self.skipped_shards = multiprocessing.get_context("fork").Value("l", 0)
         self.train_spec = resolve_split(data_cfg, "train")
         self.urls = expand_urls(self.train_spec)
         self.num_samples = data_cfg.get("epoch_samples") or count_samples(self.train_spec)
         if not self.num_samples:
-            raise UserError(f"the size of {self.train_spec!r} is unknown (no index.json): set data.epoch_samples=<N>")
+            raise unknown_size(self.train_spec)
         self.classes = dataset_classes(self.train_spec)
 
     def batches_per_rank(self) -> int:
@@ -287,6 +329,8 @@ class ShardDataModule(LightningDataModule):
             batches_per_rank=self.batches_per_rank(),
             prefetch_factor=self.cfg.get("prefetch_factor"),
             collation_fn=collation_fn,
+            read=ReadSettings.of(self.cfg),
+            skipped_shards=self.skipped_shards,
         )
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):

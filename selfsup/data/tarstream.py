@@ -99,6 +99,7 @@ def fast_tar_expander(data: Iterator[dict], handler: Callable[[Exception], bool]
     for source in data:
         url = source["url"]
         local_path = source.get("local_path")
+        failed = False
         try:
             for fname, payload in tar_members(source["stream"]):
                 if fname.startswith("__") and SKIP_META.match(fname):
@@ -109,6 +110,7 @@ def fast_tar_expander(data: Iterator[dict], handler: Callable[[Exception], bool]
                 yield sample
             yield eof
         except Exception as exn:  # noqa: BLE001 - the handler decides, as in webdataset
+            failed = True
             exn.args = (*exn.args, url)
             if handler is None:
                 raise
@@ -116,9 +118,25 @@ def fast_tar_expander(data: Iterator[dict], handler: Callable[[Exception], bool]
                 break
             yield eof  # what was read of this shard is not merged into the next one's first sample
         finally:
-            close = getattr(source.get("stream"), "close", None)
-            if close is not None:
-                close()
+            _close(source.get("stream"), url, handler, reported=failed)
+
+
+def _close(stream, url: str, handler: Callable[[Exception], bool] | None, reported: bool) -> None:
+    """Close a shard's stream. webdataset's command streams (gopen's Pipe) raise here when their
+    command failed: that goes to the handler, once per shard (not for a shard already `reported`), so
+    that it ends neither the stream nor a loader worker."""
+    close = getattr(stream, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except Exception as exn:  # noqa: BLE001
+        if reported:
+            return
+        exn.args = (*exn.args, url)
+        if handler is None:
+            raise
+        handler(exn)
 
 
 class FastTarExpander:
@@ -131,9 +149,10 @@ class FastTarExpander:
         return fast_tar_expander(sources, self.handler)
 
 
-def use_fast_tar_reader(dataset, handler=None) -> bool:
+def use_fast_tar_reader(dataset, handler=None, opener: Callable | None = None) -> bool:
     """Swap the tar-expanding stage of a `wds.WebDataset` for FastTarExpander (the stage after the
-    shard opener). False (and the dataset unchanged) where the pipeline does not have that shape."""
+    shard opener), and the opener for `opener` where one is given. False (and the dataset unchanged)
+    where the pipeline does not have that shape."""
     from webdataset.cache import StreamingOpen
 
     stages = getattr(dataset, "pipeline", None)
@@ -141,6 +160,8 @@ def use_fast_tar_reader(dataset, handler=None) -> bool:
         return False
     for i, stage in enumerate(stages[:-1]):
         if isinstance(stage, StreamingOpen):
+            if opener is not None:
+                stages[i] = opener
             stages[i + 1] = FastTarExpander(handler)
             return True
     return False

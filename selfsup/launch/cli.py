@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a built-in dataset name (both splits), `atari` (play games with ale-py: ordered "
                                   "episodes of 84x84 frames + RAM), or an image folder (class sub-folders give labels; "
                                   "a folder named like built-in data is ./NAME, the built-in data beside it builtin:NAME)")
-    p.add_argument("output", help="the folder to write the shards into")
+    p.add_argument("output", help="the folder to write the shards into, or a pipe: command per shard, e.g. "
+                                  "'pipe:aws s3 cp - s3://bucket/train-%%06d.tar' (docs/data.md)")
     p.add_argument("--samples-per-shard", type=int, default=None,
                    help="samples per shard (default 5000; atari: 20 episode chunks of 256 frames)")
     p.add_argument("--games", default="Pong,Breakout", help="atari: comma-separated ALE game names")

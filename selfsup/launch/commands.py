@@ -93,7 +93,8 @@ def _pretrain_here(cfg, run_dir: Path, new_folder: bool) -> int:
         removed = new_folder and not tally.reached_first_step and remove_unstarted_run(run_dir)
     if removed and not result["interrupted"]:
         raise UserError(f"no training step was taken: the data gave no batch ({result['skipped_samples']} samples "
-                        f"could not be decoded); removed the run folder {run_dir}")
+                        f"could not be decoded, {result['skipped_shards']} shards could not be read); "
+                        f"removed the run folder {run_dir}")
     if removed:
         print(f"selfsup: stopped before the first step; removed the run folder {run_dir}")
     else:
@@ -121,7 +122,8 @@ def summary_line(result: dict, tally, wall_seconds: float, run_dir: Path) -> str
     checkpoint = resolve_last(run_dir / "checkpoints")
     return (f"selfsup: {ended} at step {result['global_step']} ({tally.steps} steps in this run); "
             f"{tally.images_per_second():.1f} images/s; wall time {format_seconds(wall_seconds)}; "
-            f"checkpoint {checkpoint or 'none'}; skipped {result['skipped_samples']} corrupt samples")
+            f"checkpoint {checkpoint or 'none'}; skipped {result['skipped_samples']} corrupt samples"
+            + (f" and {result['skipped_shards']} unreadable shards" if result.get("skipped_shards") else ""))
 
 
 def _submit_to_slurm(cfg, run_dir: Path) -> int:
@@ -232,15 +234,24 @@ def check_shard_options(args) -> None:
 
 
 def shards(args) -> int:
+    from selfsup.data.remote import is_pipe
+    from selfsup.data.shards import check_pipe_destination, index_destination
+
     check_shard_options(args)
+    piped = is_pipe(args.output)
+    if piped:
+        check_pipe_destination(args.output)
+    out = args.output if piped else Path(args.output)
     kind = shard_source(args.source)
     if kind is not None:
-        print(kind.write(Path(args.output), vars(args)))
-        return 0
-    from selfsup.data.shards import write_shards_from
+        print(kind.write(out, vars(args)))
+    else:
+        from selfsup.data.shards import write_shards_from
 
-    written = write_shards_from(args.source, args.output, samples_per_shard=args.samples_per_shard or 5000)
-    print(f"selfsup: wrote {len(written)} shards to {args.output}")
+        written = write_shards_from(args.source, out, samples_per_shard=args.samples_per_shard or 5000)
+        print(f"selfsup: wrote {len(written)} shards to {args.output}")
+    if piped:
+        print(f"selfsup: index.json went last, through {index_destination(args.output)!r}")
     return 0
 
 

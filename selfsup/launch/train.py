@@ -23,7 +23,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=(), module=Non
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from selfsup.ssl.callbacks import ImagesPerSecond, RunProgressBar
+    from selfsup.ssl.callbacks import EpochWithoutData, ImagesPerSecond, RunProgressBar
     from selfsup.launch.checkpointing import AtomicCheckpointIO, LastCheckpoint
     from selfsup.launch.precision import apply_precision
     from selfsup.launch.strategies import build_strategy, strategy_callbacks, sync_batchnorm
@@ -35,6 +35,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=(), module=Non
         LastCheckpoint(run_dir / "checkpoints", cfg.checkpoint_every_n_steps),
         LearningRateMonitor(logging_interval="step"),
         ImagesPerSecond(),
+        EpochWithoutData(),
         *strategy_callbacks(cfg),
         *extra_callbacks,
     ]
@@ -92,4 +93,5 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) -> di
         print(f"selfsup: resuming from {last}" + (f" (step {resume_step})" if resume_step else ""), flush=True)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     return {"global_step": trainer.global_step, "run_dir": str(run_dir),
-            "skipped_samples": int(datamodule.skipped.value), "interrupted": trainer.interrupted}
+            "skipped_samples": int(datamodule.skipped.value), "skipped_shards": int(datamodule.skipped_shards.value),
+            "interrupted": trainer.interrupted}

@@ -55,14 +55,16 @@ def check_global_batch_fits_epoch(cfg: DictConfig, samples: int | None) -> None:
 def check_train_data(cfg: DictConfig) -> None:
     """The training shards exist and their size is known (a missing path fails here, not after the
     run folder is made), and an epoch holds a batch for every rank. Built-in datasets are not
-    written here to count them."""
+    written here to count them. Remote shards (http(s)://, pipe:) are not looked for one by one: an
+    http(s) dataset's index.json is read from the shards' folder URL (an unreachable server fails
+    here), and without one (or for pipe:) data.epoch_samples must say the epoch's size."""
     samples = cfg.data.get("epoch_samples")
     if cfg.data.get("train"):
-        from selfsup.data.stream import count_samples
+        from selfsup.data.stream import count_samples, unknown_size
 
         counted = count_samples(cfg.data.train)
         if counted is None and not samples:
-            raise UserError(f"the size of {cfg.data.train!r} is unknown (no index.json): set data.epoch_samples=<N>")
+            raise unknown_size(cfg.data.train)
         samples = samples or counted
     check_global_batch_fits_epoch(cfg, samples)
 

@@ -115,6 +115,7 @@ class SSLMethod(pl.LightningModule):
             nn.Linear(self.backbone.num_features, num_classes) if self.cfg.method.online_probe and num_classes else None
         )
         self._skipped_counter = None
+        self._skipped_shards = None
         self._total_steps = 1
         self._warmup_steps = 0
         self._teachers_updated_at: int | None = None
@@ -151,6 +152,8 @@ class SSLMethod(pl.LightningModule):
             loss = loss + self._online_probe_step(out["features"].detach(), batch["label"])
         if self._skipped_counter is not None:
             self.log("data/skipped_samples", float(self._skipped_counter.value), batch_size=batch_size)
+        if self._skipped_shards is not None:
+            self.log("data/skipped_shards", float(self._skipped_shards.value), batch_size=batch_size)
         every = self.cfg.images_every_n_steps
         if every and self.global_step % every == 0 and self.global_rank == 0 and self.logger is not None:
             with torch.no_grad():
@@ -174,6 +177,7 @@ class SSLMethod(pl.LightningModule):
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         self._skipped_counter = getattr(datamodule, "skipped", None)
+        self._skipped_shards = getattr(datamodule, "skipped_shards", None)
 
     # ---- EMA teachers -----------------------------------------------------------------------
     def teachers(self) -> list[tuple[nn.Module, nn.Module]]:

@@ -63,6 +63,39 @@ class RunTally(pl.Callback):
         return self.images / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
+class EpochWithoutData(pl.Callback):
+    """Ends a run (a UserError) at an epoch that gave no batch while its data failed: samples that
+    could not be decoded or shards that could not be read (a server out of reach for good). An
+    endless stream would otherwise try its shards again every epoch, for ever where only
+    max_steps bounds the run. The datamodule's shared counters (selfsup/data/stream.py) say what failed."""
+
+    def __init__(self):
+        self._batches = 0
+        self._failed_before = 0
+
+    @staticmethod
+    def failed(trainer) -> tuple[int, int]:
+        datamodule = getattr(trainer, "datamodule", None)
+        counters = (getattr(datamodule, "skipped", None), getattr(datamodule, "skipped_shards", None))
+        return tuple(int(c.value) if c is not None else 0 for c in counters)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._batches = 0
+        self._failed_before = sum(self.failed(trainer))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._batches += 1
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        samples, shards = self.failed(trainer)
+        if self._batches == 0 and samples + shards > self._failed_before:
+            from selfsup.core.errors import UserError
+
+            resume = f"; once the data can be read, resume={trainer.default_root_dir}" if trainer.global_step else ""
+            raise UserError(f"epoch {trainer.current_epoch} gave no batch: {shards} shards could not be read and "
+                            f"{samples} samples could not be decoded so far (the warnings above say why){resume}")
+
+
 def _batch_images(batch) -> int:
     return len(batch["label"]) if isinstance(batch, dict) else len(batch[-1])
 

@@ -12,7 +12,6 @@ here), neither for biases and norm weights (plain momentum SGD).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
@@ -27,14 +26,15 @@ from selfsup.ssl.tov_vicreg.loss import sample_permutations, tov_vicreg_loss
 def holds_episodes(spec) -> bool | None:
     """Whether the shards at `spec` are ordered episodes written by `submit shards atari` (their
     index.json says so); None when they cannot be read from here."""
+    from selfsup.data.remote import shard_folder
     from selfsup.data.shards import read_index
     from selfsup.data.stream import expand_urls
 
     try:
-        urls = expand_urls(spec)
-    except UserError:  # not here (a dry run, or paths of a cluster's nodes): the data check is elsewhere
+        folder, _ = shard_folder(expand_urls(spec)[0])
+        index = read_index(folder) if folder is not None else None
+    except UserError:  # not here (a dry run, paths of a cluster's nodes, a server out of reach): checked elsewhere
         return None
-    index = read_index(Path(urls[0]).parent)
     return None if index is None else "atari" in index
 
 
