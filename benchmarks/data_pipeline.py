@@ -121,6 +121,16 @@ def time_loader(make_iter, finish, warmup: int, batches: int) -> float:
         gc.collect()
 
 
+def loader_rounds(workers: int, prefetch: int, batches: int) -> tuple[int, int]:
+    """(warm-up batches, timed batches) of a loader measurement: past the workers' start-up and
+    prefetch queue, then about `batches`. Each worker makes whole batches and the workers start
+    together, so batches arrive in rounds of `workers`: both counts are whole rounds (a window ending
+    mid-round would count part of a round's batches for all of its time)."""
+    if not workers:
+        return 2, batches
+    return max(2, workers * (prefetch + 1)), max(1, round(batches / workers)) * workers
+
+
 def pipeline_iter(cfg, view: View, gpu_augment: bool):
     data_cfg = cfg.data.copy()
     data_cfg.gpu_augment = gpu_augment
@@ -137,6 +147,16 @@ def pipeline_iter(cfg, view: View, gpu_augment: bool):
         del it, loader
 
     return it, close, dm
+
+
+def finish_batch(dm: ShardDataModule, batch: dict, device: torch.device) -> dict:
+    """What the training step receives: the batch moved to `device` (as Lightning moves it), then the
+    view's batch stage there (with gpu_augment on a GPU, the batched augmentations); waits for the GPU."""
+    batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch = dm.on_after_batch_transfer(batch, 0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return batch
 
 
 def torchvision_photometric(p: Photometric | None) -> list:
@@ -218,23 +238,20 @@ def main() -> None:
         shards, folder, jpegs = photo_dataset(args.images, max(16, workers))
         cfg, view = method_setup(method, shards, overrides)
         d = cfg.data
-        # each worker makes whole batches, and the workers start together: batches arrive in rounds of
-        # `workers`, so warm-up and timed window are whole rounds (a window ending mid-round would
-        # count part of a round's batches for all of its time)
-        warmup = max(2, workers * (prefetch + 1)) if workers else 2
-        timed = max(1, round(args.batches / workers)) * workers if workers else args.batches
+        warmup, timed = loader_rounds(workers, prefetch, args.batches)
         samples = timed * batch_size
         print(f"{method}: {workers} workers, batch {batch_size}, {d.image_size} px, warm-up {warmup} batches, "
               f"timed {timed} batches; {len(jpegs)} JPEGs, {sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KB "
               f"mean", flush=True)
         times: dict[str, list[float]] = {}
         processes = max(1, workers)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         for r in range(args.repeats):
             for mode in args.gpu_augment:
                 on = mode == "on"
                 used = view.with_gpu_augment(on, in_workers=on and not torch.cuda.is_available())
                 it, close, dm = pipeline_iter(cfg, view, on)
-                finish = lambda b, dm=dm: dm.on_after_batch_transfer(b, 0)  # noqa: E731
+                finish = lambda b, dm=dm: finish_batch(dm, b, device)  # noqa: E731
                 times.setdefault(f"pipeline/{mode}", []).append(
                     time_loader(lambda it=it, close=close: (it, close), finish, warmup, timed))
                 _WORK.update(jpegs=jpegs, view=used, batch_size=batch_size)

@@ -35,11 +35,13 @@ from selfsup.ssl import method_class  # noqa: E402
 
 
 class BareLoop:
-    """The same step without the framework: pretext_step, backward, optimizer and scheduler step."""
+    """The same step without the framework: pretext_step, backward, gradient clipping (optim.clip_grad),
+    optimizer and scheduler step, on `device` under the config's precision."""
 
-    def __init__(self, cfg, total_steps: int):
+    def __init__(self, cfg, total_steps: int, device: str | torch.device = "cpu"):
         torch.manual_seed(0)
-        self.module = method_class(cfg.method.name)(cfg)
+        self.device = torch.device(device)
+        self.module = method_class(cfg.method.name)(cfg).to(self.device)
         # configure_optimizers reads the run length and batch geometry from the trainer; give it those alone
         object.__setattr__(self.module, "_trainer", SimpleNamespace(
             estimated_stepping_batches=total_steps, max_epochs=1, max_steps=-1, world_size=1,
@@ -49,13 +51,16 @@ class BareLoop:
         self.optimizer, self.scheduler = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
         self.module.train()
         self.bf16 = cfg.trainer.precision == "bf16-mixed"
+        self.clip = cfg.optim.clip_grad
 
     def step(self, batch: dict) -> None:
         self.module.update_teachers()  # what the base's training_step does first (nothing without teachers)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss = self.module.pretext_step(batch)["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
         self.optimizer.step()
         self.scheduler.step()
 

@@ -83,6 +83,22 @@ def backbone_for(method: str, chosen: dict[str, str]) -> str:
     return FAMILY_DEFAULT[method_entry(method).families[0]]
 
 
+def method_overrides(method: str, name: str, size: int, batch: int | None, precision: str, accelerator: str) -> list[str]:
+    """`key=value`s for timing `method` on backbone `name`: the method's full recipe at `size` px (a ViT
+    gets patch 16, or 4 below 112 px), no online probe, checkpoints and pictures off; batch None: the recipe's."""
+    overrides = [f"data.image_size={size}", "method.online_probe=false",
+                 f"trainer.precision={precision}", f"trainer.accelerator={accelerator}",
+                 "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+                 "checkpoint_every_n_steps=1000000000", "images_every_n_steps=0"]
+    if batch is not None:
+        overrides.append(f"data.batch_size={batch}")
+    if get_spec(name).family == "vit":
+        overrides += [f"backbone.kwargs.img_size={size}", f"backbone.kwargs.patch_size={16 if size >= 112 else 4}"]
+    # the method's full recipe, not its `demo:` settings: name some data (none of it is read here)
+    overrides.append("data=atari" if method == "tov_vicreg" else f"data={BENCH_TMP}")
+    return overrides
+
+
 def make_batch(method: str, module, cfg, batch: int, jpegs: list[bytes]) -> dict | None:
     view = module.train_view()
     if isinstance(view, View):
@@ -130,14 +146,7 @@ def main() -> None:
     rows = []
     for method in args.methods:
         name = backbone_for(method, chosen)
-        overrides = [f"data.image_size={args.size}", f"data.batch_size={args.batch}", "method.online_probe=false",
-                     f"trainer.precision={args.precision}", f"trainer.accelerator={args.accelerator}",
-                     "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-                     "checkpoint_every_n_steps=1000000000", "images_every_n_steps=0"]
-        if get_spec(name).family == "vit":
-            overrides += [f"backbone.kwargs.img_size={args.size}", "backbone.kwargs.patch_size=16"]
-        # the method's full recipe, not its `demo:` settings: name some data (none of it is read here)
-        overrides.append("data=atari" if method == "tov_vicreg" else f"data={BENCH_TMP}")
+        overrides = method_overrides(method, name, args.size, args.batch, args.precision, args.accelerator)
         try:
             rows.append(time_method(method, name, overrides, args, jpegs))
         except Exception as err:  # noqa: BLE001 - one method's failure must not hide the others' figures

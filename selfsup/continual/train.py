@@ -151,6 +151,19 @@ def task_time_limit(c, task: int, tasks: int) -> dict | None:
     return {"seconds": 60.0 * c.train_minutes * weights[task] / sum(weights)}
 
 
+def task_trainer(cfg: DictConfig, task: int, stream_tasks: int, steps: int, logger, callbacks=()) -> pl.Trainer:
+    """The Trainer of one task of `steps` batches per epoch (benchmarks/gpu_suite.py times its steps)."""
+    c = cfg.continual
+    checks = max(1, int(c.val_checks_per_epoch))
+    progress = [RunProgressBar(f"task {task + 1}/{stream_tasks}")] if cfg.trainer.enable_progress_bar else []
+    return pl.Trainer(
+        max_epochs=task_epochs(c, task), max_time=task_time_limit(c, task, stream_tasks), accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
+        logger=logger, enable_checkpointing=False, num_sanity_val_steps=0, enable_model_summary=False,
+        enable_progress_bar=cfg.trainer.enable_progress_bar, callbacks=[*progress, *callbacks], log_every_n_steps=cfg.trainer.log_every_n_steps,
+        val_check_interval=(1.0 if checks == 1 else max(1, steps // checks)), default_root_dir=str(logger.root_dir),
+    )
+
+
 def train_task(model: ContinualTransformer, task: int, train: TaskArrays, val: TaskArrays, cfg: DictConfig,
                logger, stream_tasks: int = 1) -> dict:
     c, d = cfg.continual, cfg.data
@@ -164,14 +177,7 @@ def train_task(model: ContinualTransformer, task: int, train: TaskArrays, val: T
     val_loader = DataLoader(ArrayDataset(val, normalise(d.mean, d.std)), batch_size=cfg.eval.batch_size)
     steps = len(loader)
     module = TaskModule(model, task, cfg, steps)
-    checks = max(1, int(c.val_checks_per_epoch))
-    progress = [RunProgressBar(f"task {task + 1}/{stream_tasks}")] if cfg.trainer.enable_progress_bar else []
-    trainer = pl.Trainer(
-        max_epochs=task_epochs(c, task), max_time=task_time_limit(c, task, stream_tasks), accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
-        logger=logger, enable_checkpointing=False, num_sanity_val_steps=0, enable_model_summary=False,
-        enable_progress_bar=cfg.trainer.enable_progress_bar, callbacks=progress, log_every_n_steps=cfg.trainer.log_every_n_steps,
-        val_check_interval=(1.0 if checks == 1 else max(1, steps // checks)), default_root_dir=str(logger.root_dir),
-    )
+    trainer = task_trainer(cfg, task, stream_tasks, steps, logger)
     model.train()  # (Lightning keeps the modes it finds; evaluation left the model in eval mode)
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader)
