@@ -1,6 +1,7 @@
-"""Slurm through submitit, on a real one-node Slurm cluster (slurm/local-cluster.sh; .ci/run starts it
-and exports SLURM_CONF). A job submitted with `submit pretrain ... cluster=slurm` trains, gets USR2,
-checkpoints, is requeued, resumes mid-epoch and ends at the step of an uninterrupted run.
+"""Slurm through submitit, on a real Slurm cluster (slurm/local-cluster.sh, one or two nodes; .ci/run
+starts two and exports SLURM_CONF; the jobs here ask for one node). A job submitted with
+`submit pretrain ... cluster=slurm` trains, gets USR2, checkpoints, is requeued, resumes mid-epoch and
+ends at the step of an uninterrupted run.
 
 Without a controller these tests are skipped with a loud reason; where CI=true or
 SELFSUP_REQUIRE_SLURM=1 (as .ci/run sets) they fail instead. The --dry-run tests need no Slurm."""
