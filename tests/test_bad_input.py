@@ -121,6 +121,9 @@ def test_probe_export_and_shards_refusals(submit, tmp_path):
     assert "probe.val_fraction=2.0" in submit("probe", "pixels", "data=digits", "probe.val_fraction=2", run_dir=False)
     line = submit("probe", "random:vit_t", "data=digits", run_dir=False)
     assert "vit_t is built for 224 px images" in line
+    line = submit("probe", "random:convnet4", "data=digits", "probe.layers=[2,7]", run_dir=False)
+    assert line == ("submit probe: error: probe.layers=[2,7]: convnet4 has no layer 7; use 1..4 (stage1..stage4, or "
+                    "timm's stages.0..stages.3), a list of them, or all")
     assert "no such file or folder" in submit("export", str(tmp_path / "none"), "-o", str(tmp_path / "x.safetensors"),
                                                run_dir=False)
     assert "does not exist" in submit("shards", str(tmp_path / "none"), str(tmp_path / "out"), run_dir=False)

@@ -18,6 +18,8 @@ class Backbone(nn.Module):
     - `forward(x)` -> pooled embedding `[B, num_features]`
     - `forward_features(x)` -> last feature map `[B, C, h, w]` (convnet) or tokens `[B, N, D]` (vit)
     - convnets: `forward_stages(x)` -> list of stage outputs; `stage_channels`, `stage_strides`
+    - `layer_names()`, `layer_modules()`, `forward_layers(x, positions)`: pooled features after chosen
+      stages (convnets) or blocks (ViTs), for per-layer probes
     """
 
     def __init__(self, net: nn.Module, *, name: str, family: str, timm_name: str, timm_kwargs: dict[str, Any]):
@@ -49,6 +51,38 @@ class Backbone(nn.Module):
         if self.family != "convnet":
             raise TypeError(f"{self.name} is a {self.family}: only convnets have stages")
         return self.net.forward_intermediates(x, indices=self.stage_indices, intermediates_only=True)
+
+    # ---- the layers a probe reads: convnet stages, ViT blocks ------------------------------------------
+    def layer_names(self) -> list[str]:
+        """The layers in depth order: `stage1`, `stage2`, ... (convnets) or `block1`, `block2`, ... (ViTs)."""
+        if self.family == "convnet":
+            return [f"stage{i + 1}" for i in range(len(self.stage_indices))]
+        return [f"block{i + 1}" for i in range(len(self.net.blocks))]
+
+    def layer_modules(self) -> list[str]:
+        """timm's module name of each layer (`layer2`, `stages.1`, `blocks.5`), as in its state dict."""
+        if self.family == "convnet":
+            return [self.net.feature_info[i]["module"] for i in self.stage_indices]
+        return [f"blocks.{i}" for i in range(len(self.net.blocks))]
+
+    def forward_layers(self, x: torch.Tensor, positions: list[int]) -> list[torch.Tensor]:
+        """Pooled features `[B, D]` after the layers at `positions` (0-based, ascending), in one pass
+        through timm's `forward_intermediates`.
+
+        Convnets: a stage's map, globally average-pooled. ViTs: the tokens after a block, through the
+        final norm (`norm=True`) and the network's own pooling (`forward_head`: the class token, or the
+        mean of the patch tokens for a ViT built with `global_pool='avg'`). The last layer goes through
+        the network's own head either way, so its features are `forward(x)`'s."""
+        last = len(self.layer_names()) - 1
+        if self.family == "convnet":
+            maps = self.net.forward_intermediates(x, indices=[self.stage_indices[p] for p in positions], norm=True,
+                                                  intermediates_only=True)
+            return [self.pool(m) if p == last else m.mean((-2, -1)) for p, m in zip(positions, maps)]
+        outs = self.net.forward_intermediates(x, indices=list(positions), return_prefix_tokens=True, norm=True,
+                                              output_fmt="NLC", intermediates_only=True)
+        # with prefix tokens (class, registers) timm returns (patch tokens, prefix tokens): the head
+        # pools the whole sequence, prefix first, as forward_features gives it
+        return [self.pool(torch.cat([o[1], o[0]], dim=1) if isinstance(o, tuple) else o) for o in outs]
 
     # ---- which image sizes the network takes (cheap on a backbone built on the meta device) ----------
     def fixed_image_size(self) -> int | None:

@@ -141,6 +141,21 @@ class CCT(nn.Module):
             raise ValueError(f"CCT built for {self.img_size} px ({self.num_tokens} tokens) got {tokens.shape[1]} tokens")
         return self.blocks(self.pos_drop(tokens + self.pos_embed))
 
+    def forward_intermediates(self, x: torch.Tensor, indices=None, return_prefix_tokens: bool = False,
+                              norm: bool = False, output_fmt: str = "NLC", intermediates_only: bool = True):
+        """timm's face for the tokens `[B, N, D]` after the blocks at `indices` (all when None). A CCT has
+        no prefix tokens and no norm after its blocks, so those options change nothing."""
+        if output_fmt != "NLC" or not intermediates_only:
+            raise ValueError("CCT gives its intermediates as tokens only (output_fmt='NLC', intermediates_only=True)")
+        take = set(range(len(self.blocks)) if indices is None else indices)
+        x = self.pos_drop(self.tokenizer(x) + self.pos_embed)
+        outs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in take:
+                outs.append(x)
+        return outs
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         weights = torch.softmax(self.attention_pool(x), dim=1)  # [B, N, 1]
         pooled = (weights.transpose(1, 2) @ x).squeeze(1)

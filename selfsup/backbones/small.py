@@ -95,7 +95,8 @@ class ConvNet4(nn.Module):
         x = x.mean((-2, -1))
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(self, x, indices=None, intermediates_only: bool = True):
+    def forward_intermediates(self, x, indices=None, norm: bool = False, intermediates_only: bool = True):
+        # `norm` as in timm's convnets (a norm after the last stage): this network has none
         outs = []
         for block in self.stages:
             x = block(x)

@@ -10,7 +10,8 @@ the probe's train split is reported but left out of the mean (any probe gets it 
 
 The classifier is the L-BFGS logistic regression of selfsup.eval.linear, its L2 penalty chosen on a
 validation split carved from the train stacks. Baselines: `random:<backbone>` (the same encoder at
-its random init) and `pixels` (the stack's last frame, 84x84 = 7056 values, standardised).
+its random init) and `pixels` (the stack's last frame, 84x84 = 7056 values, standardised). The probe
+reads the final pooled features only: `probe.layers` is refused (EvalTarget.scores_layers).
 """
 
 from __future__ import annotations

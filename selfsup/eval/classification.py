@@ -38,14 +38,27 @@ def evaluate(train_x, train_y, test_x, test_y, cfg) -> dict:
             "feature_dim": int(train_x.shape[1])}
 
 
+def layer_row(record: dict) -> dict:
+    """One layer's row of the per-layer table: its scores as `evaluate` gave them."""
+    lin, knn = record["linear"], record["knn"]
+    return {"feature_dim": record["feature_dim"], "linear_top1": lin["top1"], "linear_top5": lin["top5"],
+            "knn_top1": knn["top1"], "knn_top5": knn["top5"], "weight_decay": lin["chosen"]["weight_decay"]}
+
+
 def format_table(result, title: str) -> str:
     lin, knn = result["linear"], result["knn"]
-    return "\n".join([
+    lines = [
         f"probe of {title}  ({result['train_samples']} train / {result['test_samples']} test, {result['feature_dim']}-d features)",
         f"  {'':<26}{'top-1':>8}{'top-5':>8}",
         f"  {'linear (chosen on val)':<26}{lin['top1']:>8.2f}{lin['top5']:>8.2f}   wd={lin['chosen']['weight_decay']:g}",
         f"  {'k-NN (k=%d, T=%g)' % (knn['k'], knn['temperature']):<26}{knn['top1']:>8.2f}{knn['top5']:>8.2f}",
-    ])
+    ]
+    if result.get("layers"):
+        lines += ["  per layer (probe.layers; the rows above are the final pooled features)",
+                  f"  {'layer':<10}{'module':<16}{'dim':>6}{'linear top-1':>14}{'top-5':>8}{'k-NN top-1':>12}"]
+        lines += [f"  {r['layer']:<10}{r['module']:<16}{r['feature_dim']:>6}{r['linear_top1']:>14.2f}"
+                  f"{r['linear_top5']:>8.2f}{r['knn_top1']:>12.2f}" for r in result["layers"]]
+    return "\n".join(lines)
 
 
 class ClassificationResult(ProbeResult):
@@ -53,8 +66,12 @@ class ClassificationResult(ProbeResult):
         return format_table(self, title)
 
     def scalars(self) -> dict[str, float]:
-        return {"probe/linear_top1": self["linear"]["top1"], "probe/linear_top5": self["linear"]["top5"],
-                "probe/knn_top1": self["knn"]["top1"]}
+        scalars = {"probe/linear_top1": self["linear"]["top1"], "probe/linear_top5": self["linear"]["top5"],
+                   "probe/knn_top1": self["knn"]["top1"]}
+        for row in self.get("layers") or []:
+            for key in ("linear_top1", "linear_top5", "knn_top1"):
+                scalars[f"probe/{row['layer']}/{key}"] = row[key]
+        return scalars
 
 
 @register_target
@@ -63,6 +80,7 @@ class ImageClassification(EvalTarget):
     summary = "top-1 / top-5 of a linear probe and k-NN on the classes of labelled images"
     result_type = ClassificationResult
     result_file = "probe.json"
+    scores_layers = True
 
     def labelled_batches(self, cfg, split: str, spec) -> dict:
         from selfsup.data.stream import eval_loader
@@ -76,3 +94,6 @@ class ImageClassification(EvalTarget):
 
     def evaluate(self, features: dict, cfg) -> dict[str, Any]:
         return evaluate(*features["train"][GROUP], *features["test"][GROUP], cfg)
+
+    def layer_row(self, record: dict[str, Any]) -> dict[str, Any]:
+        return layer_row(record)

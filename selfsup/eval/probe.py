@@ -1,12 +1,14 @@
 """`submit probe`: extract pooled features of a frozen backbone once (cached in the run folder) and
 hand them to the eval target that the data names (`data.eval_target`, selfsup.eval.targets), which
 fits its probe on the train split and scores it on the test split. Results: a table on stdout, the
-target's JSON file in the run folder, and TensorBoard."""
+target's JSON file in the run folder, and TensorBoard. `probe.layers` adds one probe per chosen stage
+or block (selfsup.eval.layers), all extracted in the same pass."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +37,12 @@ def extract_features(backbone, loader, device: str | torch.device = "cpu", desc:
     feats, labels = [], []
     with torch.no_grad():
         for batch in progress_bar(loader, total=batches, desc=desc, unit="batch"):
-            feats.append(backbone(batch["image"].to(device)).float().cpu())
+            out = backbone(batch["image"].to(device))
+            # a dict: the features of several layers from one pass (selfsup.eval.layers.LayerFeatures)
+            feats.append({k: v.float().cpu() for k, v in out.items()} if isinstance(out, dict) else out.float().cpu())
             labels.append(batch["label"])
+    if feats and isinstance(feats[0], dict):
+        return {k: torch.cat([f[k] for f in feats]) for k in feats[0]}, torch.cat(labels)
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -122,15 +128,19 @@ def _file_identity(path: Path) -> str:
     return f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def probe_features(backbone, cfg: DictConfig, eval_target: EvalTarget, cache_dir: Path | None, identity: str):
+def probe_features(backbone, cfg: DictConfig, eval_target: EvalTarget, cache_dir: Path | None, identity: str,
+                   layers: list[str] | None = None):
     """{split: {group: (x, labels)}} of the train and test splits as the eval target reads them, from
-    the cache when this backbone, target and data were seen."""
+    the cache when this backbone, target and data were seen. With `layers` (the names that `backbone`,
+    a LayerFeatures, gives) x is {layer: features}."""
     from selfsup.data.stream import resolve_split
 
     specs = {split: resolve_split(cfg.data, split) for split in ("train", "test")}
+    # the layers join the key only when given: the final features' cache keeps its name
     key = hashlib.sha1(json.dumps([identity, eval_target.name, {k: str(v) for k, v in specs.items()},
                                    cfg.data.image_size, list(cfg.data.mean), list(cfg.data.std),
-                                   *eval_target.cache_key(cfg)]).encode()).hexdigest()[:16]
+                                   *eval_target.cache_key(cfg), *([{"layers": layers}] if layers else [])]
+                                  ).encode()).hexdigest()[:16]
     cache = cache_dir / f"features-{key}.pt" if cache_dir else None
     if cache and cache.exists():
         return torch.load(cache, weights_only=True)
@@ -183,11 +193,15 @@ def run_probe(target: str, overrides: list[str]) -> ProbeResult:
     cfg = probe_config(overrides, loaded.run_cfg if loaded else None)
     check_probe(cfg, loaded.backbone if loaded else None)
     eval_target = get_target(cfg.data.eval_target)
+    positions = check_layers(cfg, loaded.backbone if loaded else None, eval_target)
     if loaded is None:  # the raw-pixel baseline: the eval target knows what its inputs' pixels are
         loaded = ProbedBackbone(eval_target.pixels(), f"{PIXELS}:{eval_target.name}")
     cache_dir = loaded.run_dir / "probe" if loaded.run_dir else None
-    features = probe_features(loaded.backbone, cfg, eval_target, cache_dir, loaded.identity)
-    record = eval_target.evaluate(features, cfg)
+    if positions is None:
+        features = probe_features(loaded.backbone, cfg, eval_target, cache_dir, loaded.identity)
+        record = eval_target.evaluate(features, cfg)
+    else:
+        record = evaluate_layers(loaded.backbone, positions, cfg, eval_target, cache_dir, loaded.identity)
     record.update({"eval_target": eval_target.name, "target": target, "global_step": loaded.step,
                    "data": OmegaConf.to_container(cfg.data), "probe": OmegaConf.to_container(cfg.probe)})
     result = eval_target.result_type(eval_target.name, record)
@@ -195,6 +209,44 @@ def run_probe(target: str, overrides: list[str]) -> ProbeResult:
         write_text_atomic(loaded.run_dir / eval_target.result_file, json.dumps(result.record, indent=1))
         _log_tensorboard(loaded.run_dir, result.scalars(), loaded.step)
     return result
+
+
+def check_layers(cfg: DictConfig, backbone, eval_target: EvalTarget) -> list[int] | None:
+    """The positions of the layers that `probe.layers` names (None: the final features only), checked
+    against the eval target and the backbone before any feature is extracted."""
+    from selfsup.eval.layers import requested_layers, resolve_layers, show_layers
+
+    value = requested_layers(cfg)
+    if value is None:
+        return None
+    if backbone is None:  # raw pixels are one layer: the probe reads them as they are
+        print(f"selfsup: {PIXELS} has no layers: probe.layers={show_layers(value)} ignored", file=sys.stderr)
+        cfg.probe.layers = None
+        return None
+    if not eval_target.scores_layers:
+        raise UserError(f"probe.layers={show_layers(value)}: the {eval_target.name} eval target probes the final "
+                        "pooled features only; leave probe.layers unset")
+    return resolve_layers(value, backbone)
+
+
+def evaluate_layers(backbone, positions: list[int], cfg: DictConfig, eval_target: EvalTarget, cache_dir: Path | None,
+                    identity: str) -> dict:
+    """The eval target's record of the final pooled features, with `layers`: one row per chosen layer.
+    All layers come from one pass over the data; the last layer's features are the final ones, so its
+    row is the record's own scores (evaluated once)."""
+    from selfsup.eval.layers import LayerFeatures, layer_features
+
+    extractor = LayerFeatures(backbone, positions)
+    features = probe_features(extractor, cfg, eval_target, cache_dir, identity, extractor.names)
+    record = eval_target.evaluate(layer_features(features, extractor.final), cfg)
+    names, modules = backbone.layer_names(), backbone.layer_modules()
+    rows = []
+    for position in positions:
+        name = names[position]
+        scores = record if name == extractor.final else eval_target.evaluate(layer_features(features, name), cfg)
+        rows.append({"layer": name, "module": modules[position], **eval_target.layer_row(scores)})
+    record["layers"] = rows
+    return record
 
 
 def _log_tensorboard(run_dir: Path, scalars: dict[str, float], step: int) -> None:

@@ -63,6 +63,9 @@ class EvalTarget(ABC):
     # the data config (configs/data/<name>.yaml) that a run on shards with this target is probed on
     # when no data is given; None: the default data of configs/defaults.yaml
     default_data: ClassVar[str | None] = None
+    # whether `probe.layers` may choose layers to score one by one (`layer_row`); False: the final
+    # pooled features only, and probe.layers is refused
+    scores_layers: ClassVar[bool] = False
 
     @abstractmethod
     def labelled_batches(self, cfg, split: str, spec) -> Mapping[str, Iterable[dict]]:
@@ -79,6 +82,11 @@ class EvalTarget(ABC):
     def cache_key(self, cfg) -> list:
         """Settings, besides the data and the backbone, that change which features are extracted."""
         return []
+
+    def layer_row(self, record: dict[str, Any]) -> dict[str, Any]:
+        """One layer's row of the per-layer table (`probe.layers`), from `evaluate`'s record of that
+        layer's features. Only a target with `scores_layers` has them."""
+        raise NotImplementedError(f"the {self.name} eval target probes the final pooled features only")
 
 
 _REGISTRY: dict[str, EvalTarget] = {}
