@@ -132,7 +132,8 @@ def log_paths(run_dir: Path, task: int = 0, job_id: str | None = None) -> tuple[
     return job_id, folder / f"{job_id}_{task}_log.out", folder / f"{job_id}_{task}_log.err"
 
 
-def print_logs(run_dir: Path, task: int = 0, job_id: str | None = None, tail: int | None = None, out=sys.stdout) -> None:
+def print_logs(run_dir: Path, task: int = 0, job_id: str | None = None, tail: int | None = None, out=None) -> None:
+    out = out or sys.stdout  # looked up at call time, so a caller's redirection holds
     job_id, stdout, stderr = log_paths(run_dir, task, job_id)
     for path in (stdout, stderr):
         print(f"==> {path} <==", file=out)
