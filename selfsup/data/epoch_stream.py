@@ -1,8 +1,8 @@
 """The training stream, cut into epochs that a resumed run continues where they were left.
 
-The batches of an epoch are a function of (seed, epoch, rank, sub-stream) alone. A rank reads its
-data as W sub-streams, one per DataLoader worker (W = 1 without workers): each owns some of this
-rank's shards for this epoch and reads them in passes, every pass shuffled in a seeded buffer that is
+The batches of an epoch are a function of (seed, epoch, rank, sub-stream) alone. A rank owns every
+world-size-th shard, and reads them as W sub-streams, one per DataLoader worker (W = 1 without
+workers): each owns some of the rank's shards for this epoch and reads them in passes, every pass shuffled in a seeded buffer that is
 emptied at the end of the pass (so a pass gives each of its samples once), and the DataLoader takes
 batch i of the epoch from sub-stream i mod W.
 
@@ -40,10 +40,11 @@ log = logging.getLogger(__name__)
 
 def epoch_shards(urls: list[str], *, seed: int, epoch: int, rank: int, world_size: int, substream: int,
                  substreams: int) -> list[str]:
-    """The shards one sub-stream reads in an epoch: the epoch's shard order (a seeded shuffle of all
-    of them), split by rank, then by sub-stream; disjoint across ranks and sub-streams."""
-    order = random.Random(f"shards:{seed}:{epoch}").sample(urls, len(urls))
-    return order[rank::world_size][substream::substreams]
+    """The shards one sub-stream reads in an epoch: its rank's shards (every world_size-th, the same
+    for the whole run), in the epoch's seeded order, split among the sub-streams; disjoint across
+    ranks and sub-streams."""
+    mine = urls[rank::world_size]
+    return random.Random(f"shards:{seed}:{epoch}:{rank}").sample(mine, len(mine))[substream::substreams]
 
 
 class SubStreams(torch.utils.data.IterableDataset):
