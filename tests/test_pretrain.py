@@ -247,6 +247,7 @@ def test_sigterm_under_ddp_checkpoints_both_ranks_at_one_step(tmp_path, monkeypa
         whole = _stream_keys(cfg, 1)
         trained = read_key_log(run / "keys" / f"rank{rank}.jsonl")
         assert [line["keys"] for line in trained.values()] == whole[:step]
-        loader = ShardDataModule(cfg.data, crop_flip_view(16, cfg.data.mean, cfg.data.std), seed=cfg.seed).train_dataloader()
+        view = crop_flip_view(16, cfg.data.mean, cfg.data.std)
+        loader = ShardDataModule(cfg.data, view, seed=cfg.seed).train_dataloader()
         loader.resume_from(state)
         assert [list(batch["key"]) for batch in loader] == whole[step:]

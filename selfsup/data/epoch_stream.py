@@ -2,19 +2,19 @@
 
 The batches of an epoch are a function of (seed, epoch, rank, sub-stream) alone. A rank owns every
 world-size-th shard, and reads them as W sub-streams, one per DataLoader worker (W = 1 without
-workers): each owns some of the rank's shards for this epoch and reads them in passes, every pass shuffled in a seeded buffer that is
-emptied at the end of the pass (so a pass gives each of its samples once), and the DataLoader takes
-batch i of the epoch from sub-stream i mod W.
+workers): each owns some of the rank's shards for this epoch and reads them in passes, every pass
+shuffled in a seeded buffer that is emptied at the end of the pass (so a pass gives each of its
+samples once), and the DataLoader takes batch i of the epoch from sub-stream i mod W.
 
-`EpochLoader` counts, for every sub-stream, the stored samples read up to the last batch it handed to
-training. The DataModule's `state_dict`/`load_state_dict` carry that count in the checkpoint (every
-rank's, gathered when the checkpoint is written; Lightning's own place for a loader's state is
-restored only when the loader is made after the checkpoint is loaded, and a method's optimizer
-schedule, sized by `estimated_stepping_batches`, makes it before). A resumed run
-starts the same epoch's sub-streams, drops the samples already read before they are decoded (only
-the shard bytes are read again, and the shuffle buffer refilled), and gives worker p the sub-stream
-whose batch comes next (the DataLoader always starts an epoch at worker 0): training then receives
-exactly the batches that the uninterrupted run would have received, corrupt samples included.
+`EpochLoader` counts, for every sub-stream, the stored samples read up to the last batch it handed
+to training. The DataModule's `state_dict`/`load_state_dict` carry that count in the checkpoint
+(every rank's, gathered when the checkpoint is written; Lightning restores a loader's own state only
+when the loader is made after the checkpoint is loaded, and a method's optimizer schedule, sized by
+`estimated_stepping_batches`, makes it before). A resumed run starts the same epoch's sub-streams,
+drops the samples already read before they are decoded (only the shard bytes are read again, and
+the shuffle buffer refilled), and gives worker p the sub-stream whose batch comes next (the
+DataLoader always starts an epoch at worker 0): training then receives exactly the batches that the
+uninterrupted run would have received, corrupt samples included.
 
 Workers start with each epoch (they read that epoch's start from the dataset they are forked with)
 and end with it; a loader left mid-epoch ends its workers on `close()` (the DataModule calls it

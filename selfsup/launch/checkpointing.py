@@ -129,9 +129,6 @@ class SignalFlag:
         if self.signum is None or signum == signal.SIGTERM:
             self.signum = signum
 
-    def is_set(self) -> bool:
-        return self.signum is not None
-
 
 class CheckpointOnSignal(pl.Callback):
     """At the first training-batch end after a signal of `actions` reached any rank, every rank saves

@@ -30,7 +30,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=(), module=Non
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from selfsup.ssl.callbacks import ImagesPerSecond, RunProgressBar, SampleKeyLog
-    from selfsup.launch.checkpointing import AtomicCheckpointIO, CheckpointOnSignal, LastCheckpoint, end_after_checkpoint
+    from selfsup.launch.checkpointing import (AtomicCheckpointIO, CheckpointOnSignal, LastCheckpoint,
+                                              end_after_checkpoint)
     from selfsup.launch.precision import apply_precision
     from selfsup.launch.strategies import build_strategy, strategy_callbacks, sync_batchnorm
 
