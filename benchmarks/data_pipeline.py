@@ -140,10 +140,7 @@ def pipeline_iter(cfg, view: View, gpu_augment: bool):
 
     def close():
         nonlocal it, loader
-        for stage in getattr(loader, "pipeline", [loader]):  # a wds.WebLoader holds the DataLoader first
-            workers = getattr(stage, "_iterator", None)  # persistent workers live on the DataLoader
-            if workers is not None:
-                workers._shutdown_workers()
+        loader.close()  # ends the workers of the epoch left unfinished (selfsup/data/epoch_stream.py)
         del it, loader
 
     return it, close, dm

@@ -71,3 +71,26 @@ def image_tags(tb_dir: Path) -> list[str]:
     acc = EventAccumulator(str(tb_dir), size_guidance={"images": 0})
     acc.Reload()
     return acc.Tags()["images"]
+
+
+def write_keyed_shards(folder: Path, shards: int, per_shard: int, corrupt_per_shard: int = 0) -> list[str]:
+    """`shards` shards of `per_shard` small random PNGs keyed k0000, k0001, ... (the last
+    `corrupt_per_shard` of each shard are not images); returns the keys of the readable ones."""
+    import numpy as np
+
+    from selfsup.data.shards import encode_png, write_shards
+
+    rng = np.random.default_rng(0)
+    good = []
+
+    def samples():
+        for i in range(shards * per_shard):
+            key = f"k{i:04d}"
+            if i % per_shard >= per_shard - corrupt_per_shard:
+                yield {"__key__": key, "png": b"not an image", "cls": 0}
+                continue
+            good.append(key)
+            yield {"__key__": key, "png": encode_png(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)), "cls": i % 2}
+
+    write_shards(samples(), folder, prefix="train", samples_per_shard=per_shard, classes=["a", "b"], progress=False)
+    return good

@@ -320,3 +320,37 @@ def test_a_run_is_reproducible_from_its_seed(tmp_path):
     assert first.keys() == again.keys()
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def test_a_resumed_epoch_has_the_batches_the_uninterrupted_epoch_had(tmp_path):
+    # 2 loader workers (2 sub-streams, batches taken from each in turn) and a corrupt sample in every
+    # shard: a loader restored from the state after 7 batches (odd: the next batch is the second
+    # worker's) gives exactly the rest of the epoch, having dropped what was read before it; within
+    # an epoch every sample comes once, and the next epoch has another order
+    from conftest import write_keyed_shards
+
+    good = write_keyed_shards(tmp_path / "shards", shards=4, per_shard=12, corrupt_per_shard=1)
+    urls = expand_urls(str(tmp_path / "shards"))
+
+    def loader():
+        return make_stream(urls, SampleDecoder(eval_view(8, MEAN, STD), _counter()), batch_size=4, num_workers=2,
+                           shuffle_buffer=16, resampled=False, seed=0, batches_per_rank=10)
+
+    whole = loader()
+    epoch0, epoch1 = ([list(b["key"]) for b in whole] for _ in range(2))
+    keys = [k for batch in epoch0 for k in batch]
+    assert len(epoch0) == 10 and len(set(keys)) == len(keys) == 40 and set(keys) <= set(good)
+    assert epoch1 != epoch0
+
+    cut = loader()
+    batches = iter(cut)
+    assert [list(next(batches)["key"]) for _ in range(7)] == epoch0[:7]
+    state = cut.stream_state()
+    cut.close()
+    read = state["ranks"][0]["read"]
+    assert state["epoch"] == 0 and state["batches"] == 7 and state["ranks"][0]["next"] == 1
+    assert sum(read) > 7 * 4  # a corrupt sample was read before the cut: skipping counts it too
+    resumed = loader()
+    resumed.resume_from(state)
+    assert [list(b["key"]) for b in resumed] == epoch0[7:]
+    assert [list(b["key"]) for b in resumed] == epoch1

@@ -48,8 +48,8 @@ DRIVER = textwrap.dedent('''
 
     original = train.build_trainer
 
-    def build_trainer(cfg, run_dir, extra_callbacks=(), module=None):
-        return original(cfg, run_dir, extra_callbacks=(*extra_callbacks, Trace()), module=module)
+    def build_trainer(cfg, run_dir, extra_callbacks=(), module=None, **kwargs):
+        return original(cfg, run_dir, extra_callbacks=(*extra_callbacks, Trace()), module=module, **kwargs)
 
     train.build_trainer = build_trainer
     from selfsup.launch.cli import main
@@ -88,7 +88,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
         # the same number of batches on both ranks, every epoch
         assert info["batches"] == {"0": BATCHES_PER_EPOCH, "1": BATCHES_PER_EPOCH}
         assert info["global_step"] == 2 * BATCHES_PER_EPOCH
-        # every sample a rank saw comes from its own shards: split_by_node gives rank r shards r, r+2, ...
+        # every sample a rank saw comes from its own shards: rank r owns shards r, r+2, ...
         shard_of = {int(key.removeprefix("train")) // SAMPLES_PER_SHARD for key in info["keys"]}
         assert shard_of and all(s % 2 == r for s in shard_of), (r, sorted(shard_of))
         # LR scaled by the global batch: 2 ranks x 16 images / base_batch 16 = 2x

@@ -1,6 +1,7 @@
 """`submit pretrain` end to end: run folder, TensorBoard, checkpoints, resume after kill and Ctrl-C."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,3 +143,111 @@ def test_pretrain_and_continual_resume_a_named_run_from_its_saved_config(tmp_pat
         assert OmegaConf.select(cfg, key) == 0.5
     with pytest.raises(UserError, match="run folder .* is a rotnet resnet_tiny run, not obow resnet_tiny"):
         resolve_run("obow", "resnet_tiny", [f"run_dir={tmp_path}", "run_name=rotnet"], compose_pretrain)
+
+
+def _steps_logged(log: Path) -> int:
+    from selfsup.ssl.callbacks import read_key_log
+
+    return len(read_key_log(log)) if log.exists() else 0
+
+
+def _sigterm_after(proc, log: Path, steps: int) -> int:
+    """SIGTERM to `proc` once `log` (data.log_keys) shows `steps` steps; the steps done when it was sent."""
+    end = time.time() + 180
+    while _steps_logged(log) < steps:
+        assert proc.poll() is None and time.time() < end, proc.stdout.read()[-3000:]
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGSTOP)  # held while the steps done are counted (the log is written at each step's end)
+    done = _steps_logged(log)
+    proc.send_signal(signal.SIGTERM)
+    os.kill(proc.pid, signal.SIGCONT)
+    return done
+
+
+def _stream_keys(cfg, epochs: int) -> list[list[str]]:
+    """The keys of each batch the uninterrupted stream of `cfg` gives (this process's RANK/WORLD_SIZE)."""
+    from selfsup.data.stream import ShardDataModule
+    from selfsup.data.views import crop_flip_view
+
+    loader = ShardDataModule(cfg.data, crop_flip_view(cfg.data.image_size, cfg.data.mean, cfg.data.std),
+                             seed=cfg.seed).train_dataloader()
+    return [list(batch["key"]) for _ in range(epochs) for batch in loader]
+
+
+def test_sigterm_checkpoints_the_step_and_the_resumed_epoch_sees_each_sample_once(tmp_path, monkeypatch):
+    """SIGTERM to a running `submit pretrain` (2 loader workers, no periodic checkpoint): a checkpoint
+    at the step it came in or the next one, and status 143. `submit pretrain resume=` then ends at
+    the step an uninterrupted run ends at, and each step trained on the batch of the uninterrupted
+    stream (the keys of data.log_keys): the interrupted epoch saw each of its samples once."""
+    from conftest import write_keyed_shards
+    from selfsup.launch.cli import main
+    from selfsup.launch.commands import LAUNCHED_RUN_DIR_ENV
+    from selfsup.launch.config import compose
+    from selfsup.ssl.callbacks import read_key_log
+
+    keys = write_keyed_shards(tmp_path / "shards", shards=4, per_shard=4)
+    args = ["rotnet", "resnet_tiny", f"data={tmp_path / 'shards'}", "data.batch_size=2", "data.image_size=16",
+            "data.num_workers=2", "data.log_keys=true", "trainer.max_epochs=2", "trainer.precision=32-true",
+            "checkpoint_every_n_steps=100000",
+            "images_every_n_steps=0", "trainer.enable_progress_bar=false", f"run_dir={tmp_path}", "run_name=t"]
+    run, log = tmp_path / "t", tmp_path / "t" / "keys" / "rank0.jsonl"
+    proc = _start(args, tmp_path)
+    at_signal = _sigterm_after(proc, log, 2)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, out[-3000:]
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert at_signal <= saved <= at_signal + 1 < 8, (at_signal, saved)  # no step lost, and mid-epoch
+    assert f"SIGTERM received: checkpoint saved at step {saved} (epoch 0); exiting" in out
+    assert f"selfsup: ended by SIGTERM at step {saved} " in out
+    assert list(read_key_log(log)) == list(range(1, saved + 1))
+
+    monkeypatch.delenv(LAUNCHED_RUN_DIR_ENV, raising=False)  # the run in this process sets it
+    assert main(["pretrain", "rotnet", "resnet_tiny", f"resume={run}"]) == 0
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 16
+    trained = read_key_log(log)
+    assert list(trained) == list(range(1, 17))
+    assert [line["keys"] for line in trained.values()] == _stream_keys(compose("rotnet", "resnet_tiny", args[2:]), 2)
+    for epoch in (0, 1):
+        seen = [key for line in trained.values() if line["epoch"] == epoch for key in line["keys"]]
+        assert sorted(seen) == sorted(keys), epoch
+
+
+def test_sigterm_under_ddp_checkpoints_both_ranks_at_one_step(tmp_path, monkeypatch):
+    """Two CPU ranks (gloo) through `submit pretrain`: SIGTERM to rank 0 alone (as `kill` sends it);
+    the ranks agree on one step, save it together with both ranks' places in the data stream, and
+    exit 143. From that checkpoint, each rank's stream goes on with that rank's remaining batches."""
+    from conftest import write_keyed_shards
+    from selfsup.data.stream import ShardDataModule
+    from selfsup.data.views import crop_flip_view
+    from selfsup.launch.config import compose
+    from selfsup.ssl.callbacks import read_key_log
+
+    write_keyed_shards(tmp_path / "shards", shards=4, per_shard=6)
+    args = ["rotnet", "resnet_tiny", f"data={tmp_path / 'shards'}", "data.batch_size=2", "data.image_size=16",
+            "data.num_workers=0", "data.log_keys=true", "trainer.accelerator=cpu", "trainer.devices=2", "strategy=ddp",
+            "trainer.precision=32-true", "trainer.max_epochs=4", "checkpoint_every_n_steps=100000",
+            "images_every_n_steps=0", "trainer.enable_progress_bar=false", f"run_dir={tmp_path}", "run_name=d"]
+    run = tmp_path / "d"
+    proc = _start(args, tmp_path)
+    at_signal = _sigterm_after(proc, run / "keys" / "rank0.jsonl", 2)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, out[-3000:]
+    saved = re.findall(r"SIGTERM received: checkpoint saved at step (\d+) \(epoch 0\) \[rank (\d) of 2\]", out)
+    assert sorted(rank for _, rank in saved) == ["0", "1"] and len({step for step, _ in saved}) == 1, out[-3000:]
+    step = int(saved[0][0])
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == step and at_signal <= step < 6  # 6 batches per rank and epoch
+    state = ckpt["ShardDataModule"]["stream"]
+    assert state["batches"] == step and len(state["ranks"]) == 2
+
+    cfg = compose("rotnet", "resnet_tiny", args[2:])
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        whole = _stream_keys(cfg, 1)
+        trained = read_key_log(run / "keys" / f"rank{rank}.jsonl")
+        assert [line["keys"] for line in trained.values()] == whole[:step]
+        view = crop_flip_view(16, cfg.data.mean, cfg.data.std)
+        loader = ShardDataModule(cfg.data, view, seed=cfg.seed).train_dataloader()
+        loader.resume_from(state)
+        assert [list(batch["key"]) for batch in loader] == whole[step:]

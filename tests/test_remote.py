@@ -188,6 +188,40 @@ def test_pipe_shards_stream_and_a_failing_or_silent_command_is_skipped(shard_dir
     assert skipped == 2 and rows == local_rows[:PER_SHARD] + local_rows[-PER_SHARD:]
 
 
+def test_an_http_training_stream_resumes_mid_epoch_with_the_batches_it_had_left(server, shard_dir):
+    # the training stream (2 loader workers, a shuffle buffer) reads http shards as it reads the local
+    # files; cut after 3 batches (the next one is the second worker's) and resumed from its state, the
+    # epoch goes on with exactly its remaining batches, though the re-read shards' connections drop
+    def epoch_loader(spec):
+        skipped = multiprocessing.get_context("fork").Value("l", 0)
+        loader = make_stream(expand_urls(spec), key_label_digest, batch_size=16, num_workers=2, shuffle_buffer=32,
+                             resampled=False, seed=3, batches_per_rank=SHARDS * PER_SHARD // 16, read=FAST,
+                             skipped_shards=skipped)
+        return loader, skipped
+
+    def keys(batches) -> list[list[str]]:
+        return [list(batch["key"]) for batch in batches]
+
+    spec = f"{server.url}/{PATTERN}"
+    whole, _ = epoch_loader(spec)
+    epoch = keys(whole)
+    local, _ = epoch_loader(str(shard_dir / PATTERN))
+    assert epoch == keys(local) and len(epoch) == 10 and len({k for b in epoch for k in b}) == SHARDS * PER_SHARD
+
+    cut, _ = epoch_loader(spec)
+    batches = iter(cut)
+    head = keys(next(batches) for _ in range(3))
+    state = cut.stream_state()
+    cut.close()
+    assert state["batches"] == 3 and state["ranks"][0]["next"] == 1
+    server.requests.clear()
+    server.in_turn = ["drop", "drop"]  # the next two shard transfers are cut half-way
+    resumed, skipped = epoch_loader(spec)
+    resumed.resume_from(state)
+    assert head + keys(resumed) == epoch and skipped.value == 0
+    assert sum(1 for name, wanted in server.requests if name.endswith(".tar") and wanted) == 2  # resumed by range
+
+
 def test_remote_data_without_a_size_is_a_one_line_error(server, capsys, tmp_path):
     common = ["pretrain", "rotnet", "resnet_tiny", f"run_dir={tmp_path}"]  # checked before the run folder exists
     server.faults["index.json"] = ["404"]

@@ -2,7 +2,9 @@
 
 One code path for every dataset: built-in data is written to shards once and streamed like any
 user's shards. Training streams are endless (shards are cycled, or resampled) and cut into epochs
-of a fixed number of batches per rank, so every rank runs the same number of steps (no DDP hang).
+of a fixed number of batches per rank, so every rank runs the same number of steps (no DDP hang);
+an epoch's batches follow from the seed and the epoch, and a resumed run continues them where the
+checkpoint left them (selfsup/data/epoch_stream.py).
 A sample that fails to decode is skipped and counted (a shared counter, read by the module's
 logging), never fatal; so is a shard that cannot be read to its end (a remote one after its retries,
 selfsup/data/remote.py), counted on a counter of its own.
@@ -14,7 +16,6 @@ import io
 import logging
 import multiprocessing
 import os
-import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -207,69 +208,61 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def seeded_shuffle(bufsize: int, initial: int, seed: int, stage_name: str) -> Callable:
-    """A shuffle-buffer stage whose order follows the run's seed and the loader worker.
-
-    webdataset's own shuffle seeds itself from the pid and the clock unless given a seed, which made
-    two runs of one config pretrain on different orders; one fixed seed would give every worker the
-    same permutation pattern. The worker is known only inside it, so the generator is made there."""
-    import webdataset as wds
-
-    def stage(source):
-        info = torch.utils.data.get_worker_info()
-        rng = random.Random(f"{stage_name}:{seed}:{info.id if info else 0}")
-        return wds.shuffle(bufsize, initial=initial, rng=rng)(source)
-
-    return stage
-
-
 def make_stream(urls, decoder, *, batch_size, num_workers, shuffle_buffer, resampled, seed, batches_per_rank=None,
                 expand: Callable | None = None, prefetch_factor: int | None = None, collation_fn: Callable = None,
-                read: ReadSettings | None = None, skipped_shards: multiprocessing.Value | None = None):
-    """Endless training stream (batches_per_rank set) or a single ordered pass (None). `expand` (an
+                read: ReadSettings | None = None, skipped_shards: multiprocessing.Value | None = None,
+                epoch_of_run: Callable[[], int | None] | None = None):
+    """The training stream (batches_per_rank set: an `EpochLoader` of that many batches per epoch,
+    resumable mid-epoch, selfsup.data.epoch_stream) or a single ordered pass (None). `expand` (an
     iterator -> iterator stage) turns each stored sample into several (e.g. an episode chunk into its
     temporal samples, see selfsup.data.temporal); the shuffle buffer then mixes what it yields.
     `read`: timeouts and retries of remote shards; `skipped_shards` counts the shards not read to the end."""
     import webdataset as wds
 
-    training = batches_per_rank is not None
-    rank, world_size = world()
-    if training and not resampled and len(urls) < world_size * max(1, num_workers):
-        # each rank and worker must own at least one shard for a disjoint split: resample instead
-        log.warning("%d shards < %d ranks x %d workers: resampling shards", len(urls), world_size, max(1, num_workers))
-        resampled = True
-    dataset = wds.WebDataset(
-        urls,
-        resampled=training and resampled,
-        shardshuffle=(100 if training and not resampled else False),
-        nodesplitter=(wds.split_by_node if training else None),
-        workersplitter=wds.split_by_worker,
-        empty_check=False,
-        seed=seed,
-        handler=wds.warn_and_continue,
-    )
-    # webdataset's pipeline, with the shard opener of selfsup.data.remote (timeouts, resumed HTTP reads) and
-    # the tar reader of selfsup.data.tarstream (webdataset's, less its tarfile overhead)
+    # every shard, in either stream, is opened by selfsup.data.remote's ShardOpener (files, http(s) with
+    # timeouts and resumed reads, pipe:) and read by selfsup.data.tarstream's tar reader; one that fails
+    # is skipped and counted on `skipped_shards`
+    read = read or ReadSettings()
     failures = ShardFailures(skipped_shards)
-    use_fast_tar_reader(dataset, handler=failures, opener=ShardOpener(read or ReadSettings(), failures))
-    if training and not resampled:
-        dataset = dataset.repeat()
+    if batches_per_rank is not None:
+        return _training_stream(urls, decoder, batch_size=batch_size, num_workers=num_workers,
+                                shuffle_buffer=shuffle_buffer, resampled=resampled, seed=seed,
+                                batches_per_rank=batches_per_rank, expand=expand, prefetch_factor=prefetch_factor,
+                                collation_fn=collation_fn or collate, epoch_of_run=epoch_of_run, read=read,
+                                failures=failures)
+    dataset = wds.WebDataset(urls, resampled=False, shardshuffle=False, nodesplitter=None,
+                             workersplitter=wds.split_by_worker, empty_check=False, seed=seed,
+                             handler=wds.warn_and_continue)
+    use_fast_tar_reader(dataset, handler=failures, opener=ShardOpener(read, failures))
     if expand is not None:
-        if training and shuffle_buffer:
-            dataset = dataset.compose(seeded_shuffle(min(shuffle_buffer, 64), min(shuffle_buffer, 16), seed, "stored"))
         dataset = dataset.compose(expand)
-    if training and shuffle_buffer:
-        dataset = dataset.compose(seeded_shuffle(shuffle_buffer, min(shuffle_buffer, 1000), seed, "samples"))
     dataset = dataset.map(decoder).select(lambda s: s is not None)
-    dataset = dataset.batched(batch_size, collation_fn=collation_fn or collate, partial=not training)
+    dataset = dataset.batched(batch_size, collation_fn=collation_fn or collate, partial=True)
+    return wds.WebLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                         prefetch_factor=(prefetch_factor or 2) if num_workers > 0 else None)
+
+
+def _training_stream(urls, decoder, *, batch_size, num_workers, shuffle_buffer, resampled, seed, batches_per_rank,
+                     expand, prefetch_factor, collation_fn, epoch_of_run, read, failures):
+    from selfsup.data.epoch_stream import EpochLoader, SubStreams, keep_running_on_sigterm
+
+    rank, world_size = world()
+    substreams = max(1, num_workers)
+    if not resampled and len(urls) < world_size * substreams:
+        # each rank and worker must own at least one shard for a disjoint split: resample instead
+        log.warning("%d shards < %d ranks x %d workers: resampling shards", len(urls), world_size, substreams)
+        resampled = True
+    dataset = SubStreams(urls, substreams, rank=rank, world_size=world_size, seed=seed,
+                         resampled=resampled, shuffle_buffer=shuffle_buffer, decoder=decoder, batch_size=batch_size,
+                         collation_fn=collation_fn, expand=expand, read=read, failures=failures)
     # pinned host memory where a GPU will take the batch (an asynchronous copy); batches are collated
-    # into shared memory in the workers (collate), uint8 for a two-stage view (selfsup.data.views)
-    loader = wds.WebLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=training and num_workers > 0,
-                           pin_memory=torch.cuda.is_available(),
-                           prefetch_factor=(prefetch_factor or 2) if num_workers > 0 else None)
-    if training:
-        loader = loader.with_epoch(batches_per_rank).with_length(batches_per_rank)
-    return loader
+    # into shared memory in the workers (collate), uint8 for a two-stage view (selfsup.data.views).
+    # Workers start with each epoch: they are forked with where that epoch starts (EpochLoader)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(), prefetch_factor=(prefetch_factor or 2) if num_workers > 0 else None,
+        worker_init_fn=keep_running_on_sigterm if num_workers > 0 else None)
+    return EpochLoader(dataset, loader, batches_per_rank, epoch_of_run=epoch_of_run)
 
 
 class ShardDataModule(LightningDataModule):
@@ -282,6 +275,8 @@ class ShardDataModule(LightningDataModule):
         self.train_view = train_view
         self.seed = seed
         self._view: TrainView | None = None  # the view of the current stream (batch stage after transfer)
+        self._loader = None
+        self._resume_stream: dict | None = None  # a checkpoint's stream state, for the loader still to make
         self.skipped = multiprocessing.get_context("fork").Value("l", 0)
         self.skipped_shards = multiprocessing.get_context("fork").Value("l", 0)
         self.train_spec = resolve_split(data_cfg, "train")
@@ -309,7 +304,6 @@ class ShardDataModule(LightningDataModule):
         return view.with_gpu_augment(on, in_workers=on and not self.training_on_gpu())
 
     def train_dataloader(self):
-        rank, _ = world()
         view = self._view = self.train_view_in_use()
         stages = view.stream_stages(self.skipped)  # a view over stored sequences (temporal samples)
         if stages is not None:
@@ -317,7 +311,7 @@ class ShardDataModule(LightningDataModule):
         else:
             expand, decoder = None, SampleDecoder(view, self.skipped, stage="sample" if view.two_stage else "full")
         collation_fn = ViewCollate(view, collate) if view.two_stage else collate
-        return make_stream(
+        self._loader = make_stream(
             self.urls,
             decoder,
             expand=expand,
@@ -325,13 +319,45 @@ class ShardDataModule(LightningDataModule):
             num_workers=self.cfg.num_workers,
             shuffle_buffer=self.cfg.shuffle_buffer,
             resampled=self.cfg.resampled,
-            seed=self.seed + rank,
+            seed=self.seed,
             batches_per_rank=self.batches_per_rank(),
             prefetch_factor=self.cfg.get("prefetch_factor"),
             collation_fn=collation_fn,
             read=ReadSettings.of(self.cfg),
             skipped_shards=self.skipped_shards,
+            epoch_of_run=self._epoch_of_run,
         )
+        if self._resume_stream is not None:
+            self._loader.resume_from(self._resume_stream)
+            self._resume_stream = None
+        return self._loader
+
+    def state_dict(self) -> dict:
+        """Saved in the checkpoint: where the training stream stands (selfsup/data/epoch_stream.py)."""
+        return {"stream": self._loader.stream_state()} if self._loader is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        # Lightning restores this before or after it asks for the loader, depending on the strategy
+        stream = state.get("stream")
+        if stream is not None and self._loader is not None:
+            self._loader.resume_from(stream)
+        else:
+            self._resume_stream = stream
+
+    def _epoch_of_run(self) -> int | None:
+        trainer = getattr(self, "trainer", None)
+        return trainer.current_epoch if trainer is not None else None
+
+    def teardown(self, stage: str) -> None:
+        self._close_loader()
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._close_loader()
+
+    def _close_loader(self) -> None:
+        """End the loader workers of an epoch that fit left unfinished (max_steps, a signal, an error)."""
+        if self._loader is not None:
+            self._loader.close()
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """The batch stage of a two-stage view, on the training device: uint8 -> normalised floats, and

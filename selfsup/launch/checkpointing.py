@@ -6,13 +6,17 @@ removed after, and `resolve_last` falls back to it if a kill came between the tw
 Next to it, `last.json` (step, epoch, time) lets `submit status` and the resume seeding read where
 a run stands without loading the checkpoint.
 
-`RequeueOnSignal` is the Lightning half of Slurm preemption (the design is in slurm_job.py)."""
+`CheckpointOnSignal` turns a signal into a checkpoint at the next training step on every rank, then
+an action: SIGTERM (what Slurm sends on preemption and `scancel`, and `kill` sends) ends the fit
+(`end_after_checkpoint`); under submitit, USR2 requeues the job (the design is in slurm_job.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -114,21 +118,59 @@ class LastCheckpoint(pl.Callback):
             print(f"\nselfsup: interrupted; checkpoint saved to {self.path} (resume with resume={self.path.parent.parent})")
 
 
-class RequeueOnSignal(pl.Callback):
-    """At the first training-batch end after `flag` is set (by a signal handler) on any rank, every
-    rank saves `last.ckpt` at that same step, then `hand_over(trainer)` runs (under submitit: rank 0
-    requeues the job and exits). The flag is OR-reduced over ranks every step (one scalar
-    all-reduce), so the ranks agree on the step even when the signal reaches them at different times."""
+class SignalFlag:
+    """A signal handler that only records the signal, for a training-step boundary to act on. SIGTERM
+    outranks the others (the job is going away), whichever came first."""
 
-    def __init__(self, flag, hand_over: Callable[[pl.Trainer], None]):
-        self.flag = flag
-        self.hand_over = hand_over
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __call__(self, signum, frame) -> None:
+        if self.signum is None or signum == signal.SIGTERM:
+            self.signum = signum
+
+
+class CheckpointOnSignal(pl.Callback):
+    """At the first training-batch end after a signal of `actions` reached any rank, every rank saves
+    `last.ckpt` at that same step, then `actions[signal](trainer, signal)` runs. The signal number is
+    max-reduced over the ranks every step (one scalar all-reduce), so the ranks agree on the step, and
+    on the signal (SIGTERM, the larger number, outranks USR2), even when it reaches them at different
+    times. The last callback of the Trainer: the others have seen the step it saves."""
+
+    def __init__(self, actions: dict[int, Callable[[pl.Trainer, int], None]], flag: SignalFlag | None = None):
+        self.actions = actions
+        self.flag = flag or SignalFlag()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning installs its own SIGTERM handler when fit starts; it would end fit at the next batch
+        # without a checkpoint (and under DDP run a collective inside the handler). This one replaces it;
+        # Lightning puts back the handlers from before fit when fit ends. A SIGTERM that came before
+        # this point set Lightning's flag, read below.
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.actions:
+                signal.signal(signum, self.flag)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.flag.is_set(), all=False):
+        asked = self.flag.signum or (signal.SIGTERM if trainer.received_sigterm else 0)
+        if trainer.world_size > 1:
+            local = torch.tensor(int(asked), device=trainer.strategy.root_device)
+            asked = int(trainer.strategy.reduce(local, reduce_op="max"))
+        if not asked:
             return
         last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
         if last is None:
-            raise RuntimeError("RequeueOnSignal needs the LastCheckpoint callback")
+            raise RuntimeError("CheckpointOnSignal needs the LastCheckpoint callback")
         last.save_now(trainer)
-        self.hand_over(trainer)
+        self.actions[asked](trainer, asked)
+
+
+def end_after_checkpoint(trainer: pl.Trainer, signum: int) -> None:
+    """The action for SIGTERM: say where the run stands, and end the fit (Lightning's SIGTERMException,
+    which `run_pretrain` turns into a result)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    ranks = f" [rank {trainer.global_rank} of {trainer.world_size}]" if trainer.world_size > 1 else ""
+    run = Path(trainer.default_root_dir)
+    print(f"selfsup: {signal.Signals(signum).name} received: checkpoint saved at step {trainer.global_step} "
+          f"(epoch {trainer.current_epoch}){ranks}; exiting (continue with resume={run})", flush=True)
+    raise SIGTERMException(128 + signum)

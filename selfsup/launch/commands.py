@@ -41,8 +41,8 @@ def pretrain(args) -> int:
     if launched is not None:  # a rank > 0 of a local multi-device run
         from selfsup.launch.train import run_pretrain
 
-        run_pretrain(OmegaConf.load(launched / "config.yaml"), launched)
-        return 0
+        result = run_pretrain(OmegaConf.load(launched / "config.yaml"), launched)
+        return exit_status(result)
     cfg, run_dir = resolve_pretrain(args.method, args.backbone, args.overrides)
     prepare_cluster(cfg, args.overrides, resumed=bool(cfg.resume))
     on_slurm = cfg.cluster.name == "slurm"
@@ -99,6 +99,14 @@ def _pretrain_here(cfg, run_dir: Path, new_folder: bool) -> int:
         print(f"selfsup: stopped before the first step; removed the run folder {run_dir}")
     else:
         print(summary_line(result, tally, time.perf_counter() - start, run_dir))
+    return exit_status(result)
+
+
+def exit_status(result: dict) -> int:
+    """0 for a finished run; a shell's status for the signal that ended it: 143 for SIGTERM (after its
+    checkpoint), 130 for Ctrl-C."""
+    if result.get("ended_by") == "SIGTERM":
+        return 143
     return 130 if result["interrupted"] else 0
 
 
@@ -118,7 +126,8 @@ def summary_line(result: dict, tally, wall_seconds: float, run_dir: Path) -> str
     from selfsup.ssl.callbacks import format_seconds
     from selfsup.launch.checkpointing import resolve_last
 
-    ended = "interrupted" if result["interrupted"] else "done"
+    ended = (f"ended by {result['ended_by']}" if result.get("ended_by")
+             else "interrupted" if result["interrupted"] else "done")
     checkpoint = resolve_last(run_dir / "checkpoints")
     return (f"selfsup: {ended} at step {result['global_step']} ({tally.steps} steps in this run); "
             f"{tally.images_per_second():.1f} images/s; wall time {format_seconds(wall_seconds)}; "

@@ -15,11 +15,10 @@ auto-requeue (USR1) is disabled, so the two never race. What submitit cannot do 
 checkpoint is a collective operation that every rank must enter at the same step. So:
 
 1. `PretrainJob.__call__` (running after submitit installed its handlers) replaces the USR2 handler
-   with one that only raises a flag, and keeps submitit's handler to call later. (DataLoader
-   workers are forked after this and inherit the flag-only handler.)
-2. `RequeueOnSignal` (a Lightning callback, selfsup/launch/checkpointing.py) checks the flag at every
-   training batch end, OR-reduced over all ranks (`strategy.reduce_boolean_decision`, one scalar
-   all-reduce per step; Lightning does the same for SIGTERM), so all ranks agree on the step.
+   with one that only raises a flag (`SignalFlag`), and keeps submitit's handler to call later.
+2. `CheckpointOnSignal` (a Lightning callback, selfsup/launch/checkpointing.py) checks the flag at
+   every training batch end, max-reduced over all ranks (one scalar all-reduce per step), so all
+   ranks agree on the step.
 3. All ranks save `checkpoints/last.ckpt` at that batch boundary (atomically; every rank takes part,
    as DDP and ZeRO checkpoints need).
 4. Rank 0 then calls submitit's handler: `checkpoint()` returns `DelayedSubmission(PretrainJob(same
@@ -27,16 +26,18 @@ checkpoint is a collective operation that every rank must enter at the same step
    wait to be stopped by the requeue (exiting on their own could end the step first where
    KillOnBadExit=1).
 5. The requeued job runs `PretrainJob` again, and `run_pretrain` resumes from `last.ckpt`: Lightning
-   restores the loop state (epoch, batch index within the epoch, global step), so the interrupted
-   epoch finishes with its remaining batches (the shard stream is endless with a fixed number of
-   batches per epoch, so the loader's length tells Lightning where the epoch ends) and no epoch
-   restarts from zero; the stream and augmentations are re-seeded with the resumed step, so the
-   resumed job does not replay the first batches of the stream it had already seen.
+   restores the loop state (epoch, batch index within the epoch, global step) and the data stream's
+   (selfsup/data/epoch_stream.py), so the interrupted epoch finishes with exactly the batches it had
+   left and no epoch restarts from zero.
 
 A USR2 that arrives before training started (while importing or writing shards) reaches submitit's
 handler directly and requeues without a new checkpoint: the job resumes from the previous one.
-SIGTERM is left to Lightning (which stops at the next batch): Slurm sends it when the job is
-cancelled, at the time limit itself, and on a requeue.
+
+SIGTERM (a preemption, `scancel`, the time limit itself) goes through the same flag and callback:
+every rank saves at the next step and the job ends there (submitit would only log it, and Lightning
+would end the run without a checkpoint); where Slurm requeues a preempted job, it resumes from that
+checkpoint. The DataLoader workers ignore it (Slurm signals every process of the job) and end with
+their rank. Ranks > 0 waiting for a USR2 requeue restore SIGTERM's default action first.
 """
 
 from __future__ import annotations
@@ -60,17 +61,6 @@ except ImportError:  # submitit is a dependency; this only keeps `import` workin
     _Checkpointable = object  # type: ignore[assignment,misc]
 
 
-class _Flag:
-    def __init__(self):
-        self.signum: int | None = None
-
-    def __call__(self, signum, frame) -> None:  # the signal handler: nothing but a flag
-        self.signum = signum
-
-    def is_set(self) -> bool:
-        return self.signum is not None
-
-
 class PretrainJob(_Checkpointable):
     """What a Slurm task runs: `run_pretrain(config, run_dir)`, requeued on USR2 (module docstring)."""
 
@@ -79,23 +69,23 @@ class PretrainJob(_Checkpointable):
         self.run_dir = str(run_dir)
 
     def __call__(self) -> dict:
-        from selfsup.launch.checkpointing import RequeueOnSignal
+        from selfsup.launch.checkpointing import SignalFlag
         from selfsup.launch.train import run_pretrain
 
         cfg = OmegaConf.create(self.cfg_yaml)
         usr_sig = _submitit_signal()
         submitit_handler = signal.getsignal(usr_sig)
-        flag = _Flag()
+        flag = SignalFlag()
         signal.signal(usr_sig, flag)
 
-        def hand_over(trainer) -> None:
+        def hand_over(trainer, signum: int) -> None:
             rank = trainer.global_rank
-            print(f"selfsup: {signal.Signals(flag.signum).name} received: checkpoint saved at step "
+            print(f"selfsup: {signal.Signals(signum).name} received: checkpoint saved at step "
                   f"{trainer.global_step} (epoch {trainer.current_epoch}); "
                   + ("requeueing the job" if rank == 0 else "waiting for rank 0 to requeue the job"), flush=True)
             if rank == 0:
                 if callable(submitit_handler):
-                    submitit_handler(flag.signum, None)  # checkpoint() -> scontrol requeue -> sys.exit
+                    submitit_handler(signum, None)  # checkpoint() -> scontrol requeue -> sys.exit
                 raise SystemExit(-1)  # no submitit handler (not under submitit): just stop
             # the requeue stops this task (SIGTERM, default action: no Lightning handler that would try a
             # collective with the departed rank 0); exiting first could end the step (KillOnBadExit=1)
@@ -103,7 +93,7 @@ class PretrainJob(_Checkpointable):
             time.sleep(300)
             raise SystemExit(-1)
 
-        return run_pretrain(cfg, self.run_dir, extra_callbacks=[RequeueOnSignal(flag, hand_over)])
+        return run_pretrain(cfg, self.run_dir, on_signal={usr_sig: hand_over}, signal_flag=flag)
 
     def checkpoint(self, *args, **kwargs):
         """Called by submitit's USR2 handler on rank 0 after `last.ckpt` was saved: run the same job

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
@@ -98,6 +100,54 @@ class EpochWithoutData(pl.Callback):
 
 def _batch_images(batch) -> int:
     return len(batch["label"]) if isinstance(batch, dict) else len(batch[-1])
+
+
+class SampleKeyLog(pl.Callback):
+    """`data.log_keys=true`: the `__key__` of every sample trained on, one JSON line per batch
+    (`{"epoch", "batch", "step", "keys"}`, step = the global step after it) appended to
+    `<folder>/rank<R>.jsonl` and flushed at every step, so that what a run trained on, and in which
+    order, can be read back. A resumed run appends; a step written twice (a run killed without a
+    checkpoint at its last step takes the steps after its checkpoint again) counts as its later line."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._file = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.folder / f"rank{trainer.global_rank}.jsonl", "a", encoding="utf-8")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        keys = batch.get("key") if isinstance(batch, dict) else None
+        if self._file is None or keys is None:
+            return
+        line = {"epoch": trainer.current_epoch, "batch": batch_idx, "step": trainer.global_step, "keys": list(keys)}
+        self._file.write(json.dumps(line) + "\n")
+        self._file.flush()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._close()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_key_log(path: Path) -> dict[int, dict]:
+    """The lines of a `SampleKeyLog` file by step, the later line of a step that was written twice
+    (an unfinished last line, from a kill in the middle of a write, is left out)."""
+    lines = {}
+    for text in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            line = json.loads(text)
+        except ValueError:
+            continue
+        lines[line["step"]] = line
+    return dict(sorted(lines.items()))
 
 
 class RunProgressBar(TQDMProgressBar):
