@@ -37,12 +37,15 @@ $(VENV)/.installed: pyproject.toml
 demo: system-demo setup
 	$(VENV)/bin/submit pretrain spark convnext_b
 
+# one pytest-xdist worker per core (tests/conftest.py shares the cores and the shard cache among them)
+XDIST := -n auto --dist loadgroup
+
 test: system-test setup
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 
 # everything but the learning tests (the ones that pretrain and probe for minutes)
 test-fast: system-test setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(XDIST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from selfsup.backbones import create_backbone
-from selfsup.launch.precision import cpu_has_native_bf16
+from selfsup.core.precision import cpu_has_native_bf16
 
 VARIANTS = [("fp32", False, False), ("fp32 channels-last", True, False), ("bf16", False, True),
             ("bf16 channels-last", True, True)]

@@ -69,7 +69,8 @@ from bench_common import machine_line, make_jpegs, median, photo_dataset  # noqa
 from selfsup.core.atomic import write_text_atomic  # noqa: E402
 from selfsup.data import views  # noqa: E402
 from selfsup.launch.config import compose  # noqa: E402
-from selfsup.launch.precision import apply_precision, resolve_precision  # noqa: E402
+from selfsup.core.precision import resolve_precision  # noqa: E402
+from selfsup.launch.precision import apply_precision  # noqa: E402
 from selfsup.launch.train import build_trainer  # noqa: E402
 from selfsup.ssl import METHODS, method_class  # noqa: E402
 

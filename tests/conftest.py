@@ -1,11 +1,35 @@
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """`make test` runs the suite on pytest-xdist workers, one per core. The controller makes one shard
+    cache for all of them (the built-in datasets are written once per run of the suite, and the learning
+    tests' baselines are probed once); each worker then takes its share of the cores, for itself and the
+    `submit` processes it starts."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = str(max(1, (os.cpu_count() or 1) // int(workers)))
+        os.environ["OMP_NUM_THREADS"] = threads
+        import torch
+
+        torch.set_num_threads(int(threads))
+    elif getattr(config.option, "numprocesses", None) and not os.environ.get("SELFSUP_TEST_CACHE"):
+        os.environ["SELFSUP_TEST_CACHE"] = tempfile.mkdtemp(prefix="selfsup-test-cache-")
+        config.add_cleanup(lambda: shutil.rmtree(os.environ.pop("SELFSUP_TEST_CACHE"), ignore_errors=True))
+
+
+def pytest_collection_modifyitems(config, items):
+    # the learning tests are the suite's longest: started first, they do not finish alone at the end
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -119,6 +119,8 @@ def test_probe_export_and_shards_refusals(submit, tmp_path):
     assert f"'{tmp_path / 'no-run'}' does not exist" in line
     assert "probe.batch_size=0" in submit("probe", "random:resnet_tiny", "data=digits", "probe.batch_size=0", run_dir=False)
     assert "probe.val_fraction=2.0" in submit("probe", "pixels", "data=digits", "probe.val_fraction=2", run_dir=False)
+    line = submit("probe", "pixels", "data=digits", "probe.precision=fp8", run_dir=False)
+    assert line.startswith("submit probe: error: probe.precision='fp8': use auto") and "32-true" in line
     line = submit("probe", "random:vit_t", "data=digits", run_dir=False)
     assert "vit_t is built for 224 px images" in line
     line = submit("probe", "random:convnet4", "data=digits", "probe.layers=[2,7]", run_dir=False)

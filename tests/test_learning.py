@@ -7,6 +7,10 @@ and then draws another run, so each margin is calibrated on several runs (docs/t
 lowest of them.
 """
 
+import fcntl
+import hashlib
+import json
+
 import pytest
 
 from conftest import run_submit
@@ -20,16 +24,20 @@ CALIBRATED_PROBE = "probe.max_iter=150"
 
 
 @pytest.fixture(scope="session")
-def baseline_probe():
-    """The baselines (raw pixels, a backbone at random init) are probed once per run of the suite and
-    shared by every learning test that asks for the same probe."""
-    results: dict[tuple[str, tuple[str, ...]], dict] = {}
+def baseline_probe(shard_cache):
+    """The baselines (raw pixels, a backbone at random init) are probed once per run of the suite, in
+    the cache that every pytest-xdist worker shares, and reused by every learning test that asks for
+    the same probe."""
 
     def probe(target: str, probe_args: list[str]) -> dict:
-        key = (target, tuple(probe_args))
-        if key not in results:
-            results[key] = run_probe(target, list(probe_args))
-        return results[key]
+        key = hashlib.sha256(json.dumps([target, probe_args]).encode()).hexdigest()[:16]
+        path = shard_cache / "baselines" / f"{key}.json"
+        path.parent.mkdir(exist_ok=True)
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a second worker waits for the first one's probe
+            if not path.exists():
+                path.write_text(json.dumps(run_probe(target, list(probe_args)).record))
+        return json.loads(path.read_text())
 
     return probe
 

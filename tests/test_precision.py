@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from selfsup.launch.precision import native_bf16_in_cpuinfo, resolve_precision
+from selfsup.core.precision import native_bf16_in_cpuinfo, resolve_precision
 
 ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\nbugs\t\t: \n"
 ZEN2 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\nbugs\t\t: avx512_bf16_is_not_a_flag_here\n"
@@ -22,7 +22,7 @@ def test_explicit_precisions_pass_through(explicit):
 
 
 def test_auto_on_this_cpu(monkeypatch):
-    import selfsup.launch.precision as precision
+    import selfsup.core.precision as precision
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     assert resolve_precision("auto", "cpu") == "bf16-mixed"
@@ -34,13 +34,14 @@ def test_auto_on_this_cpu(monkeypatch):
 
 def test_config_yaml_holds_the_resolved_precision_and_resume_resolves_again(tmp_path, monkeypatch):
     """config.yaml is the config the checkpoints' config_hash describes: precision resolved, the request kept."""
+    import selfsup.core.precision as core_precision
     import selfsup.launch.precision as precision
     from selfsup.core.config_hash import config_hash
     from selfsup.core.run_folder import load_run_config, write_run_config
     from selfsup.launch.config import compose
     from selfsup.launch.run_config import resolve_run
 
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(core_precision, "cpu_has_native_bf16", lambda: False)
     overrides = ["data=digits", "trainer.accelerator=cpu", f"run_dir={tmp_path}", "run_name=r"]
     cfg, run_dir, resumed = resolve_run("rotnet", "resnet_tiny", overrides, compose)
     assert cfg.trainer.precision == "auto" and not resumed
@@ -50,7 +51,7 @@ def test_config_yaml_holds_the_resolved_precision_and_resume_resolves_again(tmp_
     assert saved.trainer.precision == "32-true" and saved.precision_requested == "auto"
     assert config_hash(saved) == config_hash(cfg)  # what SSLMethod.on_save_checkpoint records
     assert not precision.resolve_run_precision(saved)  # already resolved: unchanged
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # resumed on another machine
+    monkeypatch.setattr(core_precision, "cpu_has_native_bf16", lambda: True)  # resumed on another machine
     cfg, _, resumed = resolve_run("rotnet", "resnet_tiny", [f"resume={run_dir}"], compose)
     assert resumed and cfg.trainer.precision == "auto" and "precision_requested" not in cfg
     assert precision.resolve_run_precision(cfg) and cfg.trainer.precision == "bf16-mixed"

@@ -80,6 +80,23 @@ def test_submit_probe_random_and_run_folder(tmp_path):
     assert cached[0].stat().st_mtime_ns == stamp  # features reused, not extracted again
 
 
+def test_features_under_bf16_autocast_are_float32_and_close_to_fp32():
+    # probe.precision=bf16-mixed: the convolutions run in bf16, the features come back as float32
+    # within bf16's rounding of the fp32 ones
+    from selfsup.backbones.registry import create_backbone
+    from selfsup.eval.probe import extract_features
+
+    torch.manual_seed(0)
+    net = create_backbone("resnet_tiny")
+    batches = [{"image": torch.randn(16, 3, 32, 32), "label": torch.arange(16)} for _ in range(2)]
+    fp32, labels = extract_features(net, batches)
+    bf16, _ = extract_features(net, batches, autocast=torch.bfloat16)
+    assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape == (32, net.num_features)
+    error = ((bf16 - fp32).norm() / fp32.norm()).item()
+    assert 0 < error < 0.02, error
+    assert torch.equal(labels, torch.cat([torch.arange(16)] * 2))
+
+
 @pytest.mark.parametrize("command", ["probe", "export"])
 def test_bad_checkpoints_are_one_line_errors(tmp_path, command):
     truncated = tmp_path / "truncated.ckpt"

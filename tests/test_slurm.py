@@ -19,6 +19,9 @@ import yaml
 
 from conftest import read_scalars, run_submit
 
+# the tests share one local cluster (two nodes of 2 CPUs): they run one after another, on one worker
+pytestmark = pytest.mark.xdist_group("slurm")
+
 TINY = ["rotnet", "resnet_tiny", "data=digits", "data.batch_size=16", "data.num_workers=0"]
 DEFAULT_CONF = Path("/tmp/selfsup-slurm/etc/slurm.conf")  # `bash slurm/local-cluster.sh start`'s default
 

@@ -36,6 +36,9 @@ import torch
 from conftest import run_submit
 from test_slurm import _sacct_states, _wait, slurm  # noqa: F401  (slurm: the fixture)
 
+# the tests share one local cluster (two nodes of 2 CPUs): they run one after another, on one worker
+pytestmark = pytest.mark.xdist_group("slurm")
+
 SAMPLES_PER_SHARD = 180
 BATCHES_PER_EPOCH = 4  # per rank
 EPOCHS = 2

@@ -20,22 +20,27 @@ from selfsup.core.atomic import write_atomic, write_text_atomic
 from selfsup.core.config_checks import check_numbers
 from selfsup.core.config_files import config_root, load_config, select_data
 from selfsup.core.errors import UserError
+from selfsup.core.precision import resolve_precision
 from selfsup.core.overrides import parse_overrides, parse_value, set_key
 from selfsup.eval.targets import EvalTarget, ProbeResult, get_target
 
 PIXELS = "pixels"  # the raw-pixel baseline, as the eval target makes it
+# probe.precision, resolved (selfsup/core/precision.py), and the autocast dtype feature extraction runs in
+AUTOCAST_DTYPES = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def extract_features(backbone, loader, device: str | torch.device = "cpu", desc: str = "features",
-                     batches: int | None = None):
-    """Features of the batches' `image` and their `label`s, concatenated in order."""
+                     batches: int | None = None, autocast: torch.dtype | None = None):
+    """Features of the batches' `image` and their `label`s, concatenated in order; under autocast to
+    `autocast` (bf16, fp16) when given, returned as float32."""
     from selfsup.core.progress import progress_bar
 
     backbone.eval().to(device)
     if any(p.ndim == 4 for p in backbone.parameters()):  # convolutions: NHWC is faster on CPU and GPU
         backbone.to(memory_format=torch.channels_last)
     feats, labels = [], []
-    with torch.no_grad():
+    device_type = torch.device(device).type
+    with torch.no_grad(), torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
         for batch in progress_bar(loader, total=batches, desc=desc, unit="batch"):
             out = backbone(batch["image"].to(device))
             # a dict: the features of several layers from one pass (selfsup.eval.layers.LayerFeatures)
@@ -136,25 +141,33 @@ def probe_features(backbone, cfg: DictConfig, eval_target: EvalTarget, cache_dir
     from selfsup.data.stream import resolve_split
 
     specs = {split: resolve_split(cfg.data, split) for split in ("train", "test")}
-    # the layers join the key only when given: the final features' cache keeps its name
+    device = probe_device()
+    precision = resolve_precision(cfg.probe.precision, device)
+    # the layers join the key only when given, and the precision when not fp32: the cache of the
+    # final fp32 features keeps its name
     key = hashlib.sha1(json.dumps([identity, eval_target.name, {k: str(v) for k, v in specs.items()},
                                    cfg.data.image_size, list(cfg.data.mean), list(cfg.data.std),
-                                   *eval_target.cache_key(cfg), *([{"layers": layers}] if layers else [])]
+                                   *eval_target.cache_key(cfg), *([{"layers": layers}] if layers else []),
+                                   *([precision] if precision != "32-true" else [])]
                                   ).encode()).hexdigest()[:16]
     cache = cache_dir / f"features-{key}.pt" if cache_dir else None
     if cache and cache.exists():
         return torch.load(cache, weights_only=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     out = {}
     for split in ("train", "test"):
         groups = eval_target.labelled_batches(cfg, split, specs[split])
         out[split] = {group: extract_features(backbone, batches, device,
                                               desc=f"features {split}" + (f" {group}" if len(groups) > 1 else ""),
-                                              batches=batch_count(batches, specs[split], cfg.probe.batch_size))
+                                              batches=batch_count(batches, specs[split], cfg.probe.batch_size),
+                                              autocast=AUTOCAST_DTYPES[precision])
                       for group, batches in groups.items()}
     if cache:
         write_atomic(cache, lambda temporary: torch.save(out, temporary))
     return out
+
+
+def probe_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def batch_count(batches, spec, batch_size: int) -> int | None:
@@ -180,6 +193,9 @@ def check_probe(cfg: DictConfig, backbone) -> None:
     from selfsup.backbones.base import Backbone
 
     check_numbers(cfg)
+    if str(cfg.probe.precision) not in ("auto", *AUTOCAST_DTYPES):
+        raise UserError(f"probe.precision={cfg.probe.precision!r}: use auto (bf16 where the hardware computes it "
+                        f"natively, else fp32) or one of {', '.join(AUTOCAST_DTYPES)}")
     if isinstance(backbone, Backbone):
         backbone.check_image_size(int(cfg.data.image_size))
 
@@ -203,6 +219,7 @@ def run_probe(target: str, overrides: list[str]) -> ProbeResult:
     else:
         record = evaluate_layers(loaded.backbone, positions, cfg, eval_target, cache_dir, loaded.identity)
     record.update({"eval_target": eval_target.name, "target": target, "global_step": loaded.step,
+                   "precision": resolve_precision(cfg.probe.precision, probe_device()),
                    "data": OmegaConf.to_container(cfg.data), "probe": OmegaConf.to_container(cfg.probe)})
     result = eval_target.result_type(eval_target.name, record)
     if loaded.run_dir:
