@@ -43,7 +43,7 @@ SAMPLES_PER_SHARD = 180
 BATCHES_PER_EPOCH = 4  # per rank
 EPOCHS = 2
 TOTAL_STEPS = EPOCHS * BATCHES_PER_EPOCH
-PAUSE_AT = 5  # rank 0 of the first run waits after this step for the USR2: the checkpoint comes one step later
+PAUSE_AT = 5  # rank 0 of the first run waits at the end of this step for the USR2, which both ranks act on there
 TOLERANCE = 1e-5
 
 TRACE_SITE = textwrap.dedent('''
@@ -90,7 +90,7 @@ TRACE_SITE = textwrap.dedent('''
                     (OUT / "paused").write_text(str(PAUSE_AT))
                     flag = signal.getsignal(signal.SIGUSR2)  # the job's own USR2 flag (selfsup/launch/slurm_job.py)
                     end = time.time() + 180
-                    while not flag.is_set() and time.time() < end:
+                    while flag.signum is None and time.time() < end:
                         time.sleep(0.1)
 
             def on_train_end(self, trainer, module):
@@ -98,8 +98,8 @@ TRACE_SITE = textwrap.dedent('''
 
         build_trainer = train.build_trainer
 
-        def traced_build_trainer(cfg, run_dir, extra_callbacks=(), module=None):
-            return build_trainer(cfg, run_dir, extra_callbacks=(*extra_callbacks, Trace()), module=module)
+        def traced_build_trainer(cfg, run_dir, extra_callbacks=(), **kwargs):
+            return build_trainer(cfg, run_dir, extra_callbacks=(*extra_callbacks, Trace()), **kwargs)
 
         train.build_trainer = traced_build_trainer
         save_checkpoint = checkpointing.AtomicCheckpointIO.save_checkpoint
@@ -199,7 +199,7 @@ def test_two_node_ddp_one_rank_per_node_checkpoint_requeue_and_single_process_we
     submitted = capsys.readouterr().out
     job_id = re.search(r"submitted Slurm job (\d+) \(2 node\(s\) x 1 task\(s\)\)", submitted).group(1)
 
-    # rank 0 waits after step PAUSE_AT for the signal; both ranks then save at the next step
+    # rank 0 waits at the end of step PAUSE_AT for the signal; both ranks then save at that step's end
     def paused() -> bool:
         states = _sacct_states(job_id)
         assert not states or states[-1] in ("PENDING", "RUNNING"), (states, run_submit("logs", run).stdout[-3000:])
@@ -219,14 +219,14 @@ def test_two_node_ddp_one_rank_per_node_checkpoint_requeue_and_single_process_we
         assert [s["global_rank"] for s in starts] == [0, 1] and all(s["world_size"] == 2 for s in starts)
         assert all(s["backend"] == "gloo" for s in starts)
         assert starts[0]["host"] != starts[1]["host"] and {s["host"] for s in starts} == set(nodes), starts
-    assert starts[1]["step"] == PAUSE_AT + 1  # the requeued run started from the USR2 checkpoint
+    assert starts[1]["step"] == PAUSE_AT  # the requeued run started from the USR2 checkpoint
 
     # both ranks saved at the same step on USR2 and resumed from it; submitit's logs name the hosts
     for task in (0, 1):
         out = run_submit("logs", run, "--task", task, check=True).stdout
         saved = re.findall(r"SIGUSR2 received: checkpoint saved at step (\d+)", out)
-        assert saved == [str(PAUSE_AT + 1)], out[-2000:]
-        assert f"resuming from {run / 'checkpoints' / 'last.ckpt'} (step {PAUSE_AT + 1})" in out, out[-2000:]
+        assert saved == [str(PAUSE_AT)], out[-2000:]
+        assert f"resuming from {run / 'checkpoints' / 'last.ckpt'} (step {PAUSE_AT})" in out, out[-2000:]
         hosts = set(re.findall(rf"hostname=([^,\s]+), local_rank=0\(1\), node={task}\(2\), global_rank={task}\(2\)", out))
         assert hosts == {starts[task]["host"]}, (hosts, out[-2000:])
 
@@ -251,7 +251,7 @@ def test_two_node_ddp_one_rank_per_node_checkpoint_requeue_and_single_process_we
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "last.json"]
     assert not (trace / "writes_r1.jsonl").exists()
     writes = [json.loads(line) for line in (trace / "writes_r0.jsonl").read_text().splitlines()]
-    assert [(w["run"], w["step"], Path(w["path"]).name) for w in writes] == [(0, PAUSE_AT + 1, "last.ckpt"),
+    assert [(w["run"], w["step"], Path(w["path"]).name) for w in writes] == [(0, PAUSE_AT, "last.ckpt"),
                                                                             (1, TOTAL_STEPS, "last.ckpt")]
     assert {w["host"] for w in writes} == {starts[0]["host"]}
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
