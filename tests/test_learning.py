@@ -56,16 +56,17 @@ def pretrain_and_probe(tmp_path, baseline_probe, method: str, backbone: str, ove
     return top1
 
 
-ROTNET_MARGIN = 0.5  # 2.6 sd under the five seeds' mean margin
+# Seeds 0-4, one thread each as on a pytest-xdist worker of a 2-core machine, measured on 2026-12-03
+# on a 2-core Intel Xeon with AVX512-BF16/AMX (pretraining in fp32, bf16 probe): 84.93 / 84.44 / 84.73 /
+# 84.57 / 85.14 against pixels 83.58 and random init 83.42, margins +0.86 to +1.56 (mean +1.18, sd 0.28).
+ROTNET_MARGIN = 0.5  # 2.4 sd under the mean margin, 0.36 under the lowest seed
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_rotnet_beats_random_init_and_pixels(tmp_path, baseline_probe):
-    """300 RotNet steps of the plain convnet4. Seeds 0-4: 85.28 / 85.10 / 84.60 / 84.89 / 84.58 against
-    pixels 83.60 and random init 83.51 (this probe on a CPU without bf16; a bf16 machine's rounding gave
-    83.49 and 82.86), margins +0.98 to +1.68 (mean +1.29, sd 0.31); 600 steps gave no more (mean 84.96),
-    nor did the converged or the 60k-image probe widen the margin."""
+    """300 RotNet steps of the plain convnet4 in fp32 (margins above; an earlier CPU without bf16 gave
+    +0.98 to +1.68 over its five seeds)."""
     train = builtin_shards("fashion_mnist", "train")
     probe_args = ["data=fashion_mnist", f"data.train={train}/train-{{000000..000001}}.tar", CALIBRATED_PROBE]
     # fp32: the margin was calibrated in fp32
@@ -75,13 +76,14 @@ def test_rotnet_beats_random_init_and_pixels(tmp_path, baseline_probe):
 
 
 SPARK_STEPS = 300
-# At 300 steps SparK's margin over raw pixels varies run to run far more than RotNet's: 85.92 and 83.97
-# (two earlier unseeded runs, against pixels 83.49 and random init 80.32 on their machine), and 85.30 /
-# 84.95 / 85.49 (seeds 0-2, fp32 on a CPU without bf16, against pixels 83.60 and random init 80.30).
-# So the test asserts the margin every run reached over each baseline: +0.25 over pixels (lowest
-# +0.48) and +3 over the random init (lowest +3.65). A SparK that learns nothing keeps the random
-# init's features and fails both; the 3-point margin over pixels is the 15-minute curve of docs/results/spark.md
-# (1050 steps), not this test's.
+# At 300 steps SparK's margin over raw pixels varies from run to run far more than RotNet's. Seeds 0-4,
+# one thread each, bf16 pretraining and probe, measured on 2026-12-03 on a 2-core Intel Xeon with
+# AVX512-BF16/AMX: 86.24 / 84.37 / 85.75 / 85.06 / 85.10 against pixels 83.58 and random init 80.23,
+# so +0.79 to +2.66 over pixels and +4.14 to +6.01 over the random init (an earlier CPU without bf16,
+# fp32, seeds 0-2 and two unseeded runs: +0.48 to +2.43 and at least +3.65). The test asserts what every
+# run reached over each baseline; a SparK that learns nothing keeps the random init's features and
+# fails both. The 3-point margin over pixels is the 15-minute curve of docs/results/spark.md (1050
+# steps), not this test's.
 SPARK_MARGIN_OVER_PIXELS = 0.25
 SPARK_MARGIN_OVER_RANDOM = 3.0
 
