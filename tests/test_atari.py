@@ -162,7 +162,7 @@ def test_ram_feature_cache_loads_weights_only(tmp_path, monkeypatch):
     monkeypatch.setattr(stream, "resolve_split", lambda data, split: f"/unused/{split}")
     monkeypatch.setattr(target, "labelled_batches", fake_batches)
     cfg = OmegaConf.create({"data": {"image_size": 84, "mean": [0.5] * 3, "std": [0.5] * 3},
-                            "probe": {"train_samples": 3, "test_samples": 3, "seed": 0, "batch_size": 8}})
+                            "probe": {"train_samples": 3, "test_samples": 3, "seed": 0, "batch_size": 8, "precision": "32-true"}})
     first = probe.probe_features(torch.nn.Identity(), cfg, target, tmp_path, "x")
     again = probe.probe_features(torch.nn.Identity(), cfg, target, tmp_path, "x")
     assert read == ["train", "test"]  # the second call read the cache

@@ -92,7 +92,7 @@ def test_a_run_folder_gets_the_rows_in_its_json_table_and_tensorboard(tmp_path, 
     layered = json.loads((run / "probe.json").read_text())
     # the default record as it always was: the final pooled features, no per-layer table
     assert set(default) == {"linear", "knn", "train_samples", "test_samples", "feature_dim", "eval_target", "target",
-                            "global_step", "data", "probe"}
+                            "global_step", "precision", "data", "probe"}
     assert set(layered) == set(default) | {"layers"}
     # the headline numbers stay the final pooled features', and the last stage's row is the same fit
     assert layered["linear"] == default["linear"] and layered["knn"] == default["knn"]
