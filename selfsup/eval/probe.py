@@ -20,8 +20,8 @@ from selfsup.core.atomic import write_atomic, write_text_atomic
 from selfsup.core.config_checks import check_numbers
 from selfsup.core.config_files import config_root, load_config, select_data
 from selfsup.core.errors import UserError
-from selfsup.core.precision import resolve_precision
 from selfsup.core.overrides import parse_overrides, parse_value, set_key
+from selfsup.core.precision import resolve_precision
 from selfsup.eval.targets import EvalTarget, ProbeResult, get_target
 
 PIXELS = "pixels"  # the raw-pixel baseline, as the eval target makes it
