@@ -316,6 +316,11 @@ def _export_metadata(selfsup_meta: Mapping[str, Any], global_step: int, fmt: str
     }
 
 
+def _with_classes(timm_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """timm's constructor arguments: no classifier unless the network was fine-tuned with one."""
+    return {"num_classes": 0, **timm_kwargs}
+
+
 def _write_safetensors_atomically(weights: Mapping[str, torch.Tensor], out_path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
@@ -345,7 +350,7 @@ def load_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
 
 
 def create_timm_model_from_export(path: str | os.PathLike) -> nn.Module:
-    """The timm network (no classifier) of an export, with its weights loaded strictly. Takes either
+    """The timm network of an export (no classifier, unless it is a fine-tuned network's), with its weights loaded strictly. Takes either
     format: the ResNets that the torchvision format allows have timm's names too."""
     import timm
 
@@ -355,7 +360,7 @@ def create_timm_model_from_export(path: str | os.PathLike) -> nn.Module:
         from selfsup.backbones import register_timm_models
 
         register_timm_models()
-    model = timm.create_model(timm_name, pretrained=False, num_classes=0, **json.loads(metadata["timm_kwargs"]))
+    model = timm.create_model(timm_name, pretrained=False, **_with_classes(json.loads(metadata["timm_kwargs"])))
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError:  # torch's message runs over many lines; say what does not fit in one
@@ -473,7 +478,7 @@ def _timm_network(selfsup_meta: Mapping[str, Any], weights: Mapping[str, torch.T
             f"--format {HF_FORMAT} exports these backbones: {', '.join(can)}"
         )
     with torch.device("meta"):  # shapes and the pretrained config only: no memory, no initialisation cost
-        model = timm.create_model(timm_name, pretrained=False, num_classes=0, **dict(selfsup_meta["timm_kwargs"]))
+        model = timm.create_model(timm_name, pretrained=False, **_with_classes(dict(selfsup_meta["timm_kwargs"])))
     if not isinstance(getattr(model, "pretrained_cfg", None), Mapping):
         # a network built without timm's build_model_with_cfg ignores pretrained=True: its folder would
         # load with random weights
@@ -489,10 +494,11 @@ def _timm_network(selfsup_meta: Mapping[str, Any], weights: Mapping[str, torch.T
 
 
 def hf_config(model: nn.Module, selfsup_meta: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
-    """config.json: timm's network with no classifier, fed as selfsup's eval view fed it."""
+    """config.json: timm's network (with the classifier of a fine-tuned one), fed as selfsup's eval view fed it."""
     from timm.models import PretrainedCfg
 
     model_args = json.loads(json.dumps(dict(selfsup_meta["timm_kwargs"])))  # tuples -> lists, as JSON has them
+    num_classes = int(model_args.pop("num_classes", 0))
     size = int(data["image_size"])
     pretrained_cfg = {key: model.pretrained_cfg[key] for key in ARCHITECTURE_CFG_KEYS if key in model.pretrained_cfg}
     pretrained_cfg.update(
@@ -502,12 +508,12 @@ def hf_config(model: nn.Module, selfsup_meta: Mapping[str, Any], data: Mapping[s
         crop_mode="center",
         mean=[float(m) for m in data["mean"]],
         std=[float(s) for s in data["std"]],
-        num_classes=0,
+        num_classes=num_classes,
     )
     PretrainedCfg(**pretrained_cfg)  # every key is one this timm knows
     return {
         "architecture": str(selfsup_meta["timm_name"]),
-        "num_classes": 0,
+        "num_classes": num_classes,
         "num_features": int(model.num_features),
         "model_args": model_args,
         "pretrained_cfg": pretrained_cfg,

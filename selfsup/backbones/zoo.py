@@ -13,7 +13,8 @@ from selfsup.backbones.registry import register_backbone
 def _timm(model_name: str, **kwargs):
     import timm
 
-    return timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
+    kwargs.setdefault("num_classes", 0)  # a fine-tuned network carries its classifier (num_classes=K)
+    return timm.create_model(model_name, pretrained=False, **kwargs)
 
 
 def _resnet(timm_name: str, kwargs: dict):

@@ -141,13 +141,17 @@ class SampleDecoder:
     per-image stage of a two-stage view (`TrainView.sample`, uint8 tensors; the batch stage then runs
     on the training device); `"full"` gives the finished, normalised tensors."""
 
-    def __init__(self, view: Callable, skipped: multiprocessing.Value, stage: str = "full"):
+    def __init__(self, view: Callable, skipped: multiprocessing.Value, stage: str = "full",
+                 keys: frozenset[str] | None = None):
         self.view = view
         self.skipped = skipped
         self.apply = view.sample if stage == "sample" else view
+        self.keys = keys  # only these samples (a labelled subset); the others are passed over undecoded
 
     def __call__(self, sample: dict) -> dict | None:
         key = sample.get("__key__", "?")
+        if self.keys is not None and key not in self.keys:
+            return None
         try:
             ext = next(k for k in IMAGE_KEYS if k in sample)
             out = self.apply(decode_image(sample[ext], ext))
@@ -269,8 +273,10 @@ class ShardDataModule(LightningDataModule):
     """Training batches for a method: shards -> decode -> the method's view -> batched dicts. The view
     is a `TrainView` (selfsup.data.contract); a plain callable counts as a one-stage view."""
 
-    def __init__(self, data_cfg, train_view: TrainView | Callable | None, seed: int = 0):
+    def __init__(self, data_cfg, train_view: TrainView | Callable | None, seed: int = 0,
+                 keys: frozenset[str] | None = None):
         super().__init__()
+        self.keys = keys  # train on these samples only (a fine-tuning run's labelled subset)
         self.cfg = data_cfg
         self.train_view = train_view
         self.seed = seed
@@ -281,7 +287,7 @@ class ShardDataModule(LightningDataModule):
         self.skipped_shards = multiprocessing.get_context("fork").Value("l", 0)
         self.train_spec = resolve_split(data_cfg, "train")
         self.urls = expand_urls(self.train_spec)
-        self.num_samples = data_cfg.get("epoch_samples") or count_samples(self.train_spec)
+        self.num_samples = data_cfg.get("epoch_samples") or (len(keys) if keys is not None else count_samples(self.train_spec))
         if not self.num_samples:
             raise unknown_size(self.train_spec)
         self.classes = dataset_classes(self.train_spec)
@@ -309,7 +315,8 @@ class ShardDataModule(LightningDataModule):
         if stages is not None:
             expand, decoder = stages
         else:
-            expand, decoder = None, SampleDecoder(view, self.skipped, stage="sample" if view.two_stage else "full")
+            expand, decoder = None, SampleDecoder(view, self.skipped, stage="sample" if view.two_stage else "full",
+                                                  keys=self.keys)
         collation_fn = ViewCollate(view, collate) if view.two_stage else collate
         self._loader = make_stream(
             self.urls,
@@ -368,8 +375,53 @@ class ShardDataModule(LightningDataModule):
         return batch
 
 
-def eval_loader(spec, view: Callable, batch_size: int = 256, num_workers: int = 1):
-    """One ordered pass over labelled shards (the probe's reader)."""
+def eval_loader(spec, view: Callable, batch_size: int = 256, num_workers: int = 1, keys: frozenset[str] | None = None):
+    """One ordered pass over labelled shards (the probe's reader); with `keys`, over those samples only."""
     skipped = multiprocessing.get_context("fork").Value("l", 0)
-    return make_stream(expand_urls(spec), SampleDecoder(view, skipped), batch_size=batch_size,
+    return make_stream(expand_urls(spec), SampleDecoder(view, skipped, keys=keys), batch_size=batch_size,
                        num_workers=num_workers, shuffle_buffer=0, resampled=False, seed=0)
+
+
+class KeyAndLabel:
+    """A sample's key and class label, its image left undecoded (a pass that only counts labels)."""
+
+    def __call__(self, sample: dict) -> dict:
+        return {"key": sample["__key__"], "label": int(sample["cls"]) if "cls" in sample else -1}
+
+
+class KeptSample:
+    """A stored sample as it is (its encoded fields, its key), if its key is among `keys`; else None."""
+
+    def __init__(self, keys: frozenset[str]):
+        self.keys = keys
+
+    def __call__(self, sample: dict) -> dict | None:
+        if sample.get("__key__") not in self.keys:
+            return None
+        return {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
+
+
+def write_subset(spec, keys: frozenset[str], out_dir: Path, *, prefix: str, num_workers: int = 1) -> Path:
+    """The samples of `spec` whose keys are `keys`, copied undecoded as shards (with index.json) into
+    `out_dir`: a small labelled subset streams from its own shards instead of a pass over all of them."""
+    from selfsup.data.shards import write_shards
+
+    def kept():
+        for batch in make_stream(expand_urls(spec), KeptSample(keys), batch_size=256, num_workers=num_workers,
+                                 shuffle_buffer=0, resampled=False, seed=0, collation_fn=list):
+            yield from batch
+
+    write_shards(kept(), out_dir, prefix=prefix, total=len(keys), classes=dataset_classes(spec),
+                 desc=f"{prefix} subset", keep_existing=True)
+    return out_dir
+
+
+def sample_labels(spec, num_workers: int = 1) -> tuple[list[str], list[int]]:
+    """The key and class label of every sample in the shards at `spec`, in shard order (images are
+    not decoded). A sample without a label gets -1."""
+    keys, labels = [], []
+    for batch in make_stream(expand_urls(spec), KeyAndLabel(), batch_size=4096, num_workers=num_workers,
+                             shuffle_buffer=0, resampled=False, seed=0):
+        keys += batch["key"]
+        labels += batch["label"].tolist()
+    return keys, labels

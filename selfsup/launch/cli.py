@@ -13,6 +13,7 @@ EPILOG = """examples:
   submit pretrain rotnet resnet50 data=/data/shards/train-{000000..000099}.tar image_size=224
   submit pretrain rotnet resnet18 resume=runs/rotnet-resnet18-20261126-101500
   submit probe runs/rotnet-convnet4-20261126-101500 data=fashion_mnist
+  submit finetune runs/spark-resnet18_s1-20261126-101500 finetune.label_fraction=0.01   # 1% of the labels
   submit export runs/rotnet-convnet4-20261126-101500 -o backbone.safetensors
   submit export runs/rotnet-convnet4-20261126-101500 --format hf -o rotnet-convnet4   # config.json, weights, model card
   submit shards ./my_images ./my_shards
@@ -41,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="linear probe + k-NN of a run, checkpoint, export, random:<backbone> or pixels")
     p.add_argument("target", help="a run folder, a .ckpt, a .safetensors export, random:<backbone> (baseline) or pixels (baseline)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=fashion_mnist probe.train_samples=10000")
+
+    p = sub.add_parser("finetune", help="fine-tune a backbone with a new classifier on labelled data (all of it, or a fraction)")
+    p.add_argument("source", help="a run folder, a .ckpt, a .safetensors export, or random:<backbone> (the baseline)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="e.g. data=fashion_mnist finetune.label_fraction=0.01 finetune.recipe=spark_convnext "
+                        "(configs/finetune.yaml); resume=<run folder>")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config without running or submitting")
 
     p = sub.add_parser("export", help="write a run's backbone as timm-ready .safetensors, or a Hugging Face hub folder")
     p.add_argument("source", help="a run folder, a .ckpt file or a DeepSpeed checkpoint folder")

@@ -39,9 +39,9 @@ def pretrain(args) -> int:
 
     launched = _launched_rank_run_dir()
     if launched is not None:  # a rank > 0 of a local multi-device run
-        from selfsup.launch.train import run_pretrain
+        from selfsup.launch.train import run_training
 
-        result = run_pretrain(OmegaConf.load(launched / "config.yaml"), launched)
+        result = run_training(OmegaConf.load(launched / "config.yaml"), launched)
         return exit_status(result)
     cfg, run_dir = resolve_pretrain(args.method, args.backbone, args.overrides)
     prepare_cluster(cfg, args.overrides, resumed=bool(cfg.resume))
@@ -82,13 +82,13 @@ def _pretrain_here(cfg, run_dir: Path, new_folder: bool) -> int:
     """Train in this process (and the local ranks it starts); end with one line on what the run did.
     A folder this command made for a run that never took a step is removed again."""
     from selfsup.ssl.callbacks import RunTally
-    from selfsup.launch.train import run_pretrain
+    from selfsup.launch.train import run_training
 
     os.environ[LAUNCHED_RUN_DIR_ENV] = str(run_dir.absolute())
     tally = RunTally()
     start = time.perf_counter()
     try:
-        result = run_pretrain(cfg, run_dir, extra_callbacks=[tally])
+        result = run_training(cfg, run_dir, extra_callbacks=[tally])
     finally:
         removed = new_folder and not tally.reached_first_step and remove_unstarted_run(run_dir)
     if removed and not result["interrupted"]:
@@ -99,6 +99,11 @@ def _pretrain_here(cfg, run_dir: Path, new_folder: bool) -> int:
         print(f"selfsup: stopped before the first step; removed the run folder {run_dir}")
     else:
         print(summary_line(result, tally, time.perf_counter() - start, run_dir))
+    if result.get("finetune"):
+        r = result["finetune"]
+        print(f"selfsup: test top-1 {r['top1']:.2f}, top-5 {r['top5']:.2f} ({r['test_samples']} images) with the weights "
+              f"of step {r['best_step']} (validation top-1 {r['val_top1']:.2f}, {r['labelled_samples']} labelled "
+              f"train images); {run_dir / 'finetune.json'}, {run_dir / 'model.safetensors'}")
     return exit_status(result)
 
 
@@ -149,6 +154,55 @@ def _submit_to_slurm(cfg, run_dir: Path) -> int:
     print(f"  follow logs: submit logs {run_dir}")
     print(f"  tensorboard --logdir {run_dir / 'tb'}")
     return 0
+
+
+def finetune(args) -> int:
+    from selfsup.core.config_hash import to_yaml
+    from selfsup.core.run_folder import is_run_folder, load_run_config, new_run_dir, write_run_config
+    from selfsup.launch import finetune as ft
+    from selfsup.launch.cluster import prepare_cluster
+    from selfsup.launch.strategies import check_strategy
+
+    launched = _launched_rank_run_dir()
+    if launched is not None:  # a rank > 0 of a local multi-device run
+        from selfsup.launch.train import run_training
+
+        return exit_status(run_training(OmegaConf.load(launched / "config.yaml"), launched))
+    resume = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("resume=")), None)
+    overrides = [o for o in args.overrides if not o.startswith("resume=")]
+    if resume is not None:  # the saved config, the other overrides on top
+        cfg = load_run_config(resume, name=f"resume={resume!r}")
+        if cfg.method.name != "finetune":
+            raise UserError(f"resume={resume!r} is a {cfg.method.name} run: resume it with `submit pretrain`")
+        for key, raw in ft.parse_overrides(overrides):
+            ft.set_key(cfg, key, raw)
+        cfg.resume = resume
+        run_dir = Path(resume)
+    else:
+        cfg = ft.compose(args.source, overrides)
+        run_dir = new_run_dir(cfg)
+        if is_run_folder(run_dir):
+            raise UserError(f"run folder {run_dir} exists: pass resume={run_dir} to continue it, or another run_name")
+    prepare_cluster(cfg, overrides, resumed=resume is not None)
+    on_slurm = cfg.cluster.name == "slurm"
+    check_strategy(cfg, submit_to_slurm=on_slurm)
+    ft.check_finetune(cfg)
+    if resume is None:
+        ft.prepare_kwargs(cfg, ft.class_count(cfg))
+    if args.dry_run:
+        print(f"# run folder: {run_dir}")
+        print(to_yaml(cfg), end="")
+        return 0
+    if not on_slurm:
+        from selfsup.launch.precision import resolve_run_precision
+
+        resolve_run_precision(cfg)
+    new_folder = not run_dir.exists()
+    write_run_config(run_dir, cfg)
+    if on_slurm:
+        return _submit_to_slurm(cfg, run_dir)
+    print(f"selfsup: fine-tuning {cfg.finetune.source} in {run_dir}  (tensorboard --logdir {run_dir / 'tb'})", flush=True)
+    return _pretrain_here(cfg, run_dir, new_folder)
 
 
 def probe(args) -> int:

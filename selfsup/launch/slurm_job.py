@@ -62,7 +62,7 @@ except ImportError:  # submitit is a dependency; this only keeps `import` workin
 
 
 class PretrainJob(_Checkpointable):
-    """What a Slurm task runs: `run_pretrain(config, run_dir)`, requeued on USR2 (module docstring)."""
+    """What a Slurm task runs: `run_training(config, run_dir)`, requeued on USR2 (module docstring)."""
 
     def __init__(self, cfg_yaml: str, run_dir: str):
         self.cfg_yaml = cfg_yaml
@@ -70,7 +70,7 @@ class PretrainJob(_Checkpointable):
 
     def __call__(self) -> dict:
         from selfsup.launch.checkpointing import SignalFlag
-        from selfsup.launch.train import run_pretrain
+        from selfsup.launch.train import run_training
 
         cfg = OmegaConf.create(self.cfg_yaml)
         usr_sig = _submitit_signal()
@@ -93,7 +93,7 @@ class PretrainJob(_Checkpointable):
             time.sleep(300)
             raise SystemExit(-1)
 
-        return run_pretrain(cfg, self.run_dir, on_signal={usr_sig: hand_over}, signal_flag=flag)
+        return run_training(cfg, self.run_dir, on_signal={usr_sig: hand_over}, signal_flag=flag)
 
     def checkpoint(self, *args, **kwargs):
         """Called by submitit's USR2 handler on rank 0 after `last.ckpt` was saved: run the same job

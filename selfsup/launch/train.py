@@ -64,8 +64,37 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=(), module=Non
     )
 
 
+def run_training(cfg: DictConfig, run_dir: str | Path, extra_callbacks=(), on_signal=None, signal_flag=None) -> dict:
+    """The job of a run folder's config, wherever it runs (this process, a local rank, a Slurm task):
+    a fine-tuning run (`submit finetune`, selfsup/launch/finetune.py) or a pretraining run."""
+    if cfg.method.name == "finetune":
+        from selfsup.launch.finetune import run_finetune
+
+        return run_finetune(cfg, run_dir, extra_callbacks=extra_callbacks, on_signal=on_signal, signal_flag=signal_flag)
+    return run_pretrain(cfg, run_dir, extra_callbacks=extra_callbacks, on_signal=on_signal, signal_flag=signal_flag)
+
+
 def run_pretrain(cfg: DictConfig, run_dir: str | Path, extra_callbacks=(), on_signal=None, signal_flag=None) -> dict:
-    """Pretrain `cfg` in `run_dir`, resuming from its last checkpoint if there is one.
+    """Pretrain `cfg` in `run_dir` (see `fit_run`)."""
+
+    def build(cfg: DictConfig):
+        from selfsup.data.stream import ShardDataModule
+        from selfsup.ssl import method_class
+
+        method_cls = method_class(cfg.method.name)
+        datamodule = ShardDataModule(cfg.data, train_view=None, seed=cfg.seed)
+        if datamodule.classes is None and cfg.data.name == "shards":
+            print("selfsup: the training shards carry no labels: the online probe is off")
+        module = method_cls(cfg, num_classes=len(datamodule.classes) if datamodule.classes else None)
+        datamodule.train_view = module.train_view()
+        return module, datamodule
+
+    return fit_run(cfg, run_dir, build, extra_callbacks=extra_callbacks, on_signal=on_signal, signal_flag=signal_flag)
+
+
+def fit_run(cfg: DictConfig, run_dir: str | Path, build, extra_callbacks=(), on_signal=None, signal_flag=None) -> dict:
+    """Train the module and data that `build(cfg)` returns in `run_dir`, resuming from its last
+    checkpoint if there is one.
 
     Lightning restores the loop state and the data stream's (selfsup/data/epoch_stream.py), so an
     interrupted epoch goes on with exactly the batches it had left. The augmentations and the
@@ -78,11 +107,9 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path, extra_callbacks=(), on_si
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from selfsup.core.run_folder import write_run_config
-    from selfsup.data.stream import ShardDataModule
     from selfsup.launch.checkpointing import read_last_info, resolve_last
     from selfsup.launch.precision import resolve_run_precision
     from selfsup.launch.strategies import check_strategy
-    from selfsup.ssl import method_class
 
     run_dir = Path(run_dir)
     # `auto` left for this machine to resolve (a Slurm job): config.yaml then says what the run
@@ -93,12 +120,7 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path, extra_callbacks=(), on_si
     last = resolve_last(run_dir / "checkpoints")
     resume_step = int((read_last_info(run_dir / "checkpoints") or {}).get("global_step", 0)) if last else 0
     pl.seed_everything(cfg.seed + resume_step, workers=True, verbose=False)
-    method_cls = method_class(cfg.method.name)
-    datamodule = ShardDataModule(cfg.data, train_view=None, seed=cfg.seed)
-    if datamodule.classes is None and cfg.data.name == "shards":
-        print("selfsup: the training shards carry no labels: the online probe is off")
-    module = method_cls(cfg, num_classes=len(datamodule.classes) if datamodule.classes else None)
-    datamodule.train_view = module.train_view()
+    module, datamodule = build(cfg)
     trainer = build_trainer(cfg, run_dir, extra_callbacks=extra_callbacks, module=module, on_signal=on_signal,
                             signal_flag=signal_flag)
     ckpt_path = str(last) if last else None

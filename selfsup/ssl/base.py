@@ -49,6 +49,12 @@ def warmup_cosine(step: int, total: int, warmup: int, start_ratio: float, min_ra
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def is_decay_group(group: dict) -> bool:
+    """Whether an optimizer parameter group is (part of) the weight-decay group: named "decay", or
+    "decay.<part>" where a module splits it further (e.g. by layer, for layer-wise LR decay)."""
+    return str(group.get("name", "")).split(".")[0] == "decay"
+
+
 def cosine_value(start: float, end: float, step: int, total: int) -> float:
     progress = min(1.0, step / max(1, total))
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -310,7 +316,7 @@ class SSLMethod(pl.LightningModule):
             # the trust ratio of the decay group does not hang on its weight decay being non-zero; the
             # other groups (weight decay 0) get plain momentum SGD
             for g in groups:
-                g["always_adapt"] = g["name"] == "decay"
+                g["always_adapt"] = is_decay_group(g)
         # timm's "sgd" is Nesterov SGD; "momentum" is plain heavy-ball SGD
         opt_name = ("nesterov" if o.nesterov else "momentum") if o.name == "sgd" else o.name
         optimizer = create_optimizer_v2(groups, opt=opt_name, lr=self.peak_lr(), weight_decay=o.weight_decay, **extra)
@@ -331,7 +337,7 @@ class SSLMethod(pl.LightningModule):
         wd = cosine_value(o.weight_decay, o.weight_decay_end, self.global_step, self.total_steps)
         optimizer = self.optimizers()
         for group in getattr(optimizer, "optimizer", optimizer).param_groups:
-            if group.get("name") == "decay":
+            if is_decay_group(group):
                 group["weight_decay"] = wd
         self.log("train/weight_decay", wd)
 
