@@ -109,6 +109,12 @@ def test_finetuning_a_run_starts_from_its_weights_and_files_the_result_there(tmp
     after = load_file(tmp_path / "again" / "model.safetensors")
     for key in ("conv1.weight", "layer3.0.conv2.weight", "fc.weight", "fc.bias"):
         assert torch.allclose(after[key], start[f"backbone.net.{key}"], atol=1e-8), key
+    # resumed with a longer budget, the run continues from its checkpoint and its drawn labels
+    labels = (tmp_path / "again" / "labels.json").read_text()
+    proc = run_submit("finetune", str(source), f"resume={tmp_path / 'again'}", "trainer.max_steps=3", check=True)
+    assert "resuming from" in proc.stdout and "(1 steps in this run)" not in proc.stdout
+    assert json.loads((tmp_path / "again" / "finetune.json").read_text())["steps"] == 3
+    assert (tmp_path / "again" / "labels.json").read_text() == labels
 
 
 @pytest.mark.parametrize("override, message", [
@@ -129,6 +135,13 @@ def test_bad_finetuning_settings_are_one_line_errors(tmp_path, override, message
 def test_a_missing_source_is_a_one_line_error(tmp_path):
     proc = run_submit("finetune", str(tmp_path / "nope"), "--dry-run")
     assert proc.returncode == 2 and "does not exist" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_slurm_dry_run_prints_the_sbatch_script(tmp_path):
+    proc = run_submit("finetune", "random:resnet_tiny", "data=digits", "cluster=slurm", "nodes=2", f"run_dir={tmp_path}",
+                      "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --nodes=2" in proc.stdout and "method:\n  name: finetune" in proc.stdout
 
 
 def test_dry_run_composes_the_recipe_and_the_source_backbone(tmp_path):

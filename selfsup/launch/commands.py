@@ -33,7 +33,6 @@ def _launched_rank_run_dir() -> Path | None:
 
 
 def pretrain(args) -> int:
-    from selfsup.core.config_hash import to_yaml
     from selfsup.core.run_folder import write_run_config
     from selfsup.launch.cluster import prepare_cluster
 
@@ -53,13 +52,7 @@ def pretrain(args) -> int:
     # a config that cannot run: one line, before the run folder (the data only where it will be read now)
     check_pretrain(cfg, data_is_here=not on_slurm and not args.dry_run)
     if args.dry_run:
-        print(f"# run folder: {run_dir}")
-        print(to_yaml(cfg), end="")
-        if on_slurm:
-            from selfsup.launch.sbatch import sbatch_script
-
-            print("# ---- the sbatch script submitit would submit (not submitted: --dry-run) ----")
-            print(sbatch_script(cfg, run_dir), end="")
+        _print_dry_run(cfg, run_dir, on_slurm)
         return 0
     from selfsup.core.overrides import parse_overrides, uses_demo_data
 
@@ -76,6 +69,19 @@ def pretrain(args) -> int:
         return _submit_to_slurm(cfg, run_dir)
     print(f"selfsup: run folder {run_dir}  (tensorboard --logdir {run_dir / 'tb'})", flush=True)
     return _pretrain_here(cfg, run_dir, new_folder)
+
+
+def _print_dry_run(cfg, run_dir: Path, on_slurm: bool) -> None:
+    """--dry-run: the run folder and resolved config, and with cluster=slurm the sbatch script."""
+    from selfsup.core.config_hash import to_yaml
+
+    print(f"# run folder: {run_dir}")
+    print(to_yaml(cfg), end="")
+    if on_slurm:
+        from selfsup.launch.sbatch import sbatch_script
+
+        print("# ---- the sbatch script submitit would submit (not submitted: --dry-run) ----")
+        print(sbatch_script(cfg, run_dir), end="")
 
 
 def _pretrain_here(cfg, run_dir: Path, new_folder: bool) -> int:
@@ -157,7 +163,6 @@ def _submit_to_slurm(cfg, run_dir: Path) -> int:
 
 
 def finetune(args) -> int:
-    from selfsup.core.config_hash import to_yaml
     from selfsup.core.run_folder import is_run_folder, load_run_config, new_run_dir, write_run_config
     from selfsup.launch import finetune as ft
     from selfsup.launch.cluster import prepare_cluster
@@ -190,8 +195,7 @@ def finetune(args) -> int:
     if resume is None:
         ft.prepare_kwargs(cfg, ft.class_count(cfg))
     if args.dry_run:
-        print(f"# run folder: {run_dir}")
-        print(to_yaml(cfg), end="")
+        _print_dry_run(cfg, run_dir, on_slurm)
         return 0
     if not on_slurm:
         from selfsup.launch.precision import resolve_run_precision
