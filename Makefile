@@ -7,9 +7,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 # $(call system_packages,PKG...): install them (as root), or stop make with the one line to run
 system_packages = $(eval _fail := $(shell bash tools/system-packages.sh --error-to-stdout $(1)))$(if $(_fail),$(error $(_fail)))
-# the built-in demo data; the tests add what the local Slurm cluster needs
+# the built-in demo data; the tests add Chromium (the PNG of `submit report`) and what the local Slurm
+# cluster needs
 DEMO_PACKAGES := dataset-fashion-mnist
-TEST_PACKAGES := $(DEMO_PACKAGES) $(shell bash slurm/local-cluster.sh packages)
+TEST_PACKAGES := $(DEMO_PACKAGES) chromium $(shell bash slurm/local-cluster.sh packages)
 
 .PHONY: setup system-demo system-test demo test test-fast clean
 

@@ -43,7 +43,7 @@ def shard_cache(tmp_path_factory):
 # commands that hold no process-wide state (no training loop, no signal handlers, no fork): they run
 # in the test's own process, which has torch imported already, instead of paying a fresh
 # interpreter's imports (about 5 CPU seconds) per call
-IN_PROCESS = {"shards", "probe", "export", "status", "logs", "backbones", "methods"}
+IN_PROCESS = {"shards", "probe", "export", "status", "logs", "report", "backbones", "methods"}
 
 
 def run_submit(*args, cwd=None, timeout=600, env=None, check=False, subprocess_only=False):

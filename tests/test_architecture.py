@@ -2,7 +2,7 @@
 
 Layers, lowest first; a module may import its own layer and those below it, never one above:
 
-    core < backbones < data < ssl < export < eval < continual < launch
+    core < backbones < data < ssl < export < eval < continual < report < launch
 
 `export` (checkpoint -> .safetensors) has a level of its own: it reads what the methods write without
 importing them, and eval and continual read exports. Imports inside functions count for layering
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "selfsup"
-LAYERS = ("core", "backbones", "data", "ssl", "export", "eval", "continual", "launch")
+LAYERS = ("core", "backbones", "data", "ssl", "export", "eval", "continual", "report", "launch")
 # imported by the CLI at start-up (`submit --help` must stay fast): nothing heavy at module level
 LIGHT_LAYERS = ("core",)
 HEAVY = ("torch", "lightning", "timm", "torchvision", "deepspeed", "spconv", "webdataset")

@@ -42,6 +42,10 @@ def test_run_folder_config_checkpoint_and_tensorboard(tmp_path):
     assert config_hash(OmegaConf.load(run / "config.yaml")) == ckpt["selfsup"]["config_hash"]
     conv = ckpt["state_dict"]["backbone.net.conv1.weight"]
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    # the run's report page shows what it logged (tests/test_report.py: the page in full)
+    run_submit("report", run, "--no-png", check=True)
+    page = (run / "report.html").read_text()
+    assert ">train/loss<" in page and 'alt="rotnet/predicted_vs_true" ' in page
 
 
 def test_no_data_uses_demo_data_and_says_so(tmp_path):

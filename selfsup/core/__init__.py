@@ -9,5 +9,5 @@
 
 Nothing here imports another selfsup module, nor torch (the CLI imports this at start-up).
 Layer order, each importing only its own or lower layers (tests/test_architecture.py):
-core < backbones < data < ssl < export < eval < continual < launch.
+core < backbones < data < ssl < export < eval < continual < report < launch.
 """

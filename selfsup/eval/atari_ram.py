@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from selfsup.core.errors import UserError
-from selfsup.eval.targets import EvalTarget, ProbeResult, register_target
+from selfsup.eval.targets import EvalTarget, ProbeResult, ResultTable, register_target
 
 
 class LastFramePixels(torch.nn.Module):
@@ -156,9 +156,26 @@ def format_ram_table(result: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+def ram_tables(result: dict) -> list[ResultTable]:
+    """The rows of `format_ram_table` as tables: one row per variable, then the means."""
+    samples = ", ".join(f"{g} {result['train_samples'][g]}/{result['test_samples'][g]}" for g in result["train_samples"])
+    variables = ResultTable(
+        f"weighted F1 per RAM variable (train/test stacks: {samples}; {result['feature_dim']}-d features)",
+        ["game", "variable", "RAM", "values", "F1", "note"],
+        [[r["game"], r["variable"], str(r["ram"]), str(r["train_values"]), f"{r['f1']:.3f}",
+          "constant in train: not in the mean" if r["constant"] else ""] for r in result["variables"]])
+    means = ResultTable("mean F1", ["game", "F1"],
+                        [[g, f"{v:.3f}"] for g, v in result["per_game_mean_f1"].items()]
+                        + [["all", f"{result['mean_f1']:.3f}"]])
+    return [variables, means]
+
+
 class RamProbeResult(ProbeResult):
     def table(self, title: str) -> str:
         return format_ram_table(self, title)
+
+    def tables(self) -> list[ResultTable]:
+        return ram_tables(self)
 
     def scalars(self) -> dict[str, float]:
         return {"probe/ram_f1_mean": self["mean_f1"],

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from selfsup.eval.targets import EvalTarget, ProbeResult, register_target
+from selfsup.eval.targets import EvalTarget, ProbeResult, ResultTable, register_target
 
 GROUP = "all"  # the classes are scored together: one group
 
@@ -61,9 +61,29 @@ def format_table(result, title: str) -> str:
     return "\n".join(lines)
 
 
+def result_tables(result) -> list[ResultTable]:
+    """The rows of `format_table` as tables: the final features' scores, then one row per layer."""
+    lin, knn = result["linear"], result["knn"]
+    tables = [ResultTable(
+        f"{result['train_samples']} train / {result['test_samples']} test, {result['feature_dim']}-d features",
+        ["probe", "top-1", "top-5", "setting"],
+        [["linear (chosen on val)", f"{lin['top1']:.2f}", f"{lin['top5']:.2f}", f"wd={lin['chosen']['weight_decay']:g}"],
+         ["k-NN", f"{knn['top1']:.2f}", f"{knn['top5']:.2f}", f"k={knn['k']}, T={knn['temperature']:g}"]])]
+    if result.get("layers"):
+        tables.append(ResultTable(
+            "per layer (probe.layers)",
+            ["layer", "module", "dim", "linear top-1", "linear top-5", "k-NN top-1", "k-NN top-5", "wd"],
+            [[r["layer"], r["module"], str(r["feature_dim"]), f"{r['linear_top1']:.2f}", f"{r['linear_top5']:.2f}",
+              f"{r['knn_top1']:.2f}", f"{r['knn_top5']:.2f}", f"{r['weight_decay']:g}"] for r in result["layers"]]))
+    return tables
+
+
 class ClassificationResult(ProbeResult):
     def table(self, title: str) -> str:
         return format_table(self, title)
+
+    def tables(self) -> list[ResultTable]:
+        return result_tables(self)
 
     def scalars(self) -> dict[str, float]:
         scalars = {"probe/linear_top1": self["linear"]["top1"], "probe/linear_top5": self["linear"]["top5"],

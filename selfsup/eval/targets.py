@@ -16,6 +16,7 @@ import importlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,6 +25,16 @@ from selfsup.core.errors import UserError, unknown_choice
 # the modules that register the targets (imported on the first look-up, not by this module's import:
 # they import torch, and they import this module)
 TARGET_MODULES = ("selfsup.eval.classification", "selfsup.eval.atari_ram")
+
+
+@dataclass
+class ResultTable:
+    """One table of a result, its cells already formatted, for a reader other than the terminal
+    (`submit report` draws it as HTML)."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
 
 
 class ProbeResult(Mapping[str, Any]):
@@ -46,6 +57,10 @@ class ProbeResult(Mapping[str, Any]):
     @abstractmethod
     def table(self, title: str) -> str:
         """The result as the table `submit probe` prints."""
+
+    @abstractmethod
+    def tables(self) -> list[ResultTable]:
+        """The same scores as `table`, as structured tables."""
 
     @abstractmethod
     def scalars(self) -> dict[str, float]:

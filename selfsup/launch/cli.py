@@ -22,6 +22,7 @@ EPILOG = """examples:
   submit pretrain spark convnext_b cluster=slurm nodes=4 gpus_per_node=8 strategy=deepspeed_stage_2 --dry-run
   submit status runs/spark-convnext_b-20261126-101500          # its Slurm job(s); `submit status`: recent runs
   submit logs runs/spark-convnext_b-20261126-101500
+  submit report runs/rotnet-convnet4-20261126-101500           # report.html (charts, pictures, probes, config) + report.png
 """
 
 
@@ -90,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", type=int, default=0, help="which task (rank) of the job (default: 0)")
     p.add_argument("--job", default=None, help="a job id of the run (default: the latest)")
     p.add_argument("--tail", type=int, default=None, help="only the last N lines of each file")
+
+    p = sub.add_parser("report", help="one self-contained HTML page of a run (scalars, pictures, probe and "
+                                      "fine-tune results, config) and a PNG of it")
+    p.add_argument("run", help="a run folder")
+    p.add_argument("-o", "--output", default=None,
+                   help="the HTML file to write (default: RUN/report.html); the PNG goes beside it, named .png")
+    p.add_argument("--no-png", action="store_true", help="write the HTML only (the PNG needs Chromium)")
+    p.add_argument("--width", type=int, default=1200, help="the PNG's width in pixels (default: 1200)")
+    p.add_argument("--height", type=int, default=None,
+                   help="the PNG's height in pixels (default: the whole page)")
 
     sub.add_parser("backbones", help="list registered backbones")
     sub.add_parser("methods", help="list methods")

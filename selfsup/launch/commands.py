@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -320,6 +321,14 @@ def shards(args) -> int:
     if piped:
         print(f"selfsup: index.json went last, through {index_destination(args.output)!r}")
     return 0
+
+
+def report(args) -> int:
+    from selfsup.report.run_report import write_report
+
+    written = write_report(args.run, args.output, png=not args.no_png, width=args.width, height=args.height)
+    print(written.line, file=sys.stderr if written.status else sys.stdout)
+    return written.status
 
 
 def backbones(args) -> int:
