@@ -67,7 +67,7 @@ def test_submit_probe_random_and_run_folder(tmp_path):
     proc = run_submit("probe", "random:resnet_tiny", "data=digits", check=True)
     assert "linear" in proc.stdout and "k-NN" in proc.stdout
     run_submit("pretrain", "rotnet", "resnet_tiny", "data=digits", "data.num_workers=0", "trainer.max_steps=3",
-               f"run_dir={tmp_path}", "run_name=r", check=True)
+               f"run_dir={tmp_path}", "run_name=r", check=True, in_process=True)
     run = tmp_path / "r"
     run_submit("probe", run, check=True)
     result = json.loads((run / "probe.json").read_text())

@@ -209,7 +209,8 @@ def test_end_to_end_pretrain_and_ram_probe(tmp_path):
     run_submit("pretrain", "tov_vicreg", "vit_tiny_test", f"data={data}/train", "trainer.max_steps=12",
                "data.batch_size=16", "data.num_workers=1", "optim.name=adamw", "optim.lr=5e-4", "optim.scale_lr=false",
                "optim.warmup_epochs=0.0", "trainer.log_every_n_steps=2", "images_every_n_steps=10",
-               "trainer.enable_progress_bar=false", f"run_dir={tmp_path}", "run_name=r", timeout=1500, check=True)
+               "trainer.enable_progress_bar=false", f"run_dir={tmp_path}", "run_name=r", timeout=1500, check=True,
+               in_process=True)
     run = tmp_path / "r"
     scalars = read_scalars(run / "tb")
     for term in ("loss", "invariance", "variance", "covariance", "temporal", "temporal_acc"):
