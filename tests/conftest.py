@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,16 +43,21 @@ def shard_cache(tmp_path_factory):
 
 # commands that hold no process-wide state (no training loop, no signal handlers, no fork): they run
 # in the test's own process, which has torch imported already, instead of paying a fresh
-# interpreter's imports (about 5 CPU seconds) per call
+# interpreter's imports (about 7 CPU seconds) per call
 IN_PROCESS = {"shards", "probe", "export", "status", "logs", "report", "backbones", "methods"}
 
 
-def run_submit(*args, cwd=None, timeout=600, env=None, check=False, subprocess_only=False):
-    """Run `submit ARGS`: through the real console entry point in a subprocess, or, for the commands
-    of IN_PROCESS and any --dry-run, through the same `main` in this process."""
+def run_submit(*args, cwd=None, timeout=600, env=None, check=False, in_process=None):
+    """Run `submit ARGS`: through the real console entry point in a subprocess, or through the same
+    `main` in this process. `in_process=None`: here for the commands of IN_PROCESS and any --dry-run;
+    True: a training command (`pretrain`, `continual` on one device) here too, for a test of what the
+    run writes, prints and returns (the process state it changes is put back afterwards); False: a
+    subprocess, for a test of the process itself (signals, several ranks, a fresh interpreter)."""
     args = tuple(map(str, args))
-    in_process = (not subprocess_only and env is None and bool(args)
-                  and (args[0] in IN_PROCESS or "--dry-run" in args))
+    if in_process is None:
+        in_process = env is None and bool(args) and (args[0] in IN_PROCESS or "--dry-run" in args)
+    elif in_process and env is not None:
+        raise ValueError("run_submit: env= needs a subprocess")
     proc = _submit_here(args, cwd) if in_process else subprocess.run(
         [sys.executable, "-m", "selfsup.launch.cli", *args],
         cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
@@ -61,14 +67,24 @@ def run_submit(*args, cwd=None, timeout=600, env=None, check=False, subprocess_o
     return proc
 
 
+# what a training run in this process may change for the process (Lightning restores the handlers it
+# replaces when fit ends; these are put back whatever happened)
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
 def _submit_here(args: tuple[str, ...], cwd) -> subprocess.CompletedProcess:
     import contextlib
     import io
+
+    import torch
 
     from selfsup.launch.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     before = os.getcwd()
+    environ = dict(os.environ)  # a run sets its run folder for local ranks, Lightning its seed
+    handlers = {signum: signal.getsignal(signum) for signum in HANDLED_SIGNALS}
+    threads = torch.get_num_threads()
     try:
         os.chdir(cwd or before)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -78,6 +94,11 @@ def _submit_here(args: tuple[str, ...], cwd) -> subprocess.CompletedProcess:
                 code = exit_.code if isinstance(exit_.code, int) else 2
     finally:
         os.chdir(before)
+        os.environ.clear()
+        os.environ.update(environ)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        torch.set_num_threads(threads)
     return subprocess.CompletedProcess(["submit", *args], code, out.getvalue(), err.getvalue())
 
 

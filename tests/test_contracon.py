@@ -215,7 +215,7 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path):
         (["continual", "contracon", "cct_6", "data=split_fashion"], "split_fashion_mnist"),
         (["continual", "contracon", "cct_6", "eval.task_id=[entropy,mahalonobis]"], "'mahalanobis'"),
     ]:
-        proc = run_submit(*args, f"run_dir={tmp_path}", cwd=tmp_path)
+        proc = run_submit(*args, f"run_dir={tmp_path}", cwd=tmp_path, in_process=True)
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr, proc.stderr
     proc = run_submit("continual", "contracon", "vit_t", "data=split_digits", "tasks=2", "--dry-run", cwd=tmp_path, check=True)
@@ -244,8 +244,11 @@ def test_init_from_an_export(tmp_path):
 
 
 # ---- the job: end to end on split digits, killed during task 3 and resumed ----------------------------
+# 16 px (the digits are 8 px): 64 tokens instead of 32 px's 256, so a step costs a fraction of the CPU;
+# task 1 gets 6 epochs there to learn its task as well as 3 epochs did at 32 px
 RUN_ARGS = ["continual", "contracon", "cct_tiny_test", "data=split_digits", "tasks=5", "epochs=3", "kernel_size=5",
-            "batch_size=32", "continual.first_task_epochs=null", "continual.first_task_lr=2e-3", "continual.warmup_steps=0", "continual.train_minutes=null",
+            "image_size=16", "backbone.kwargs.img_size=16",
+            "batch_size=32", "continual.first_task_epochs=6", "continual.first_task_lr=2e-3", "continual.warmup_steps=0", "continual.train_minutes=null",
             "continual.val_fraction=0.15", "eval.cil_samples_per_task=12", "data.num_workers=0",
             "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "run_name=split-digits"]
 
@@ -258,7 +261,7 @@ def _checkpoint(run):
     return torch.load(run / "checkpoints" / "continual.pt", map_location="cpu", weights_only=True)
 
 
-@pytest.mark.timeout(1800)  # two job processes; about 2 minutes on an idle 2-core machine
+@pytest.mark.timeout(1800)  # two job processes
 def test_sigkill_during_task_3_then_rerun_continues_at_task_3(tmp_path):
     run = tmp_path / "split-digits"
     cmd = [sys.executable, "-m", "selfsup.launch.cli", *RUN_ARGS, f"run_dir={tmp_path}"]
@@ -280,7 +283,7 @@ def test_sigkill_during_task_3_then_rerun_continues_at_task_3(tmp_path):
     assert saved["tasks_done"] == 2
     kept = {k: v for k, v in saved["state_dict"].items() if k.startswith(("backbone.", "tasks.0.", "tasks.1."))}
 
-    second = run_submit(*RUN_ARGS, f"run_dir={tmp_path}", cwd=tmp_path, timeout=1500, check=True)
+    second = run_submit(*RUN_ARGS, f"run_dir={tmp_path}", cwd=tmp_path, timeout=1500, check=True, in_process=True)
     assert "resuming at task 3/5" in second.stdout
     assert "task 1/5" not in second.stdout and "task 2/5" not in second.stdout and "task 3/5: classes 4 (4), 5 (5)" in second.stdout
     final = _checkpoint(run)

@@ -70,7 +70,7 @@ def test_corrupt_sample_is_skipped_and_counted_in_training(tmp_path):
     write_shards_from(str(src), tmp_path / "shards", samples_per_shard=100)
     proc = run_submit("pretrain", "rotnet", "resnet_tiny", f"data={tmp_path / 'shards'}", "data.batch_size=8",
                       "data.num_workers=0", "data.shuffle_buffer=0", "data.epoch_samples=32", "trainer.max_epochs=1",
-                      "trainer.log_every_n_steps=1", f"run_dir={tmp_path}", "run_name=r", check=True)
+                      "trainer.log_every_n_steps=1", f"run_dir={tmp_path}", "run_name=r", check=True, in_process=True)
     assert "skipped 1 corrupt samples" in proc.stdout
     logged = read_scalars(tmp_path / "r" / "tb")["data/skipped_samples"]
     assert logged[-1][1] == 1.0
@@ -305,18 +305,20 @@ def test_gpu_augment_runs_in_the_workers_without_a_gpu(tmp_path):
 def test_a_run_is_reproducible_from_its_seed(tmp_path):
     # one loader worker and a shuffle buffer: the buffer's order, the augmentations and the method's own
     # randomness (rotations) all follow `seed`, so a rerun pretrains to the same weights and another
-    # seed does not
+    # seed does not. The first run has a fresh interpreter of its own (another hash seed, nothing run
+    # before it); the rerun and the other seed run in this process, after it
     src = make_image_folder(tmp_path / "images", per_class=40, corrupt=0)
     write_shards_from(str(src), tmp_path / "shards", samples_per_shard=40)
 
-    def weights(name, seed):
+    def weights(name, seed, in_process):
         run_submit("pretrain", "rotnet", "resnet_tiny", f"data={tmp_path / 'shards'}", "data.batch_size=8",
                    "data.num_workers=1", "data.shuffle_buffer=100", "trainer.max_steps=6", f"seed={seed}",
-                   "trainer.enable_progress_bar=false", f"run_dir={tmp_path}", f"run_name={name}", check=True)
+                   "trainer.enable_progress_bar=false", f"run_dir={tmp_path}", f"run_name={name}", check=True,
+                   in_process=in_process)
         ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         return ckpt["state_dict"]
 
-    first, again, other = weights("a", 0), weights("b", 0), weights("c", 1)
+    first, again, other = weights("a", 0, False), weights("b", 0, True), weights("c", 1, True)
     assert first.keys() == again.keys()
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first)

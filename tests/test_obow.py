@@ -349,7 +349,8 @@ def test_resnet50_recipe_trains_one_step_at_small_resolution(tmp_path):
                "data.num_workers=0", "method.views.teacher_resize=96", "method.views.crop_size=64",
                "method.views.patch_image_size=96", "method.views.patch_size=32", "method.views.patch_jitter=8",
                "trainer.max_steps=1", "trainer.log_every_n_steps=1", "images_every_n_steps=1",
-               "trainer.enable_progress_bar=false", f"run_dir={tmp_path}", "run_name=r", timeout=900, check=True)
+               "trainer.enable_progress_bar=false", f"run_dir={tmp_path}", "run_name=r", timeout=900, check=True,
+               in_process=True)
     ckpt = torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     sd = ckpt["state_dict"]
     assert ckpt["global_step"] == 1 and sd["vocabularies.0.words"].shape == (1024, 1024)
@@ -365,6 +366,6 @@ def test_resnet50_recipe_trains_one_step_at_small_resolution(tmp_path):
 
 def test_queue_size_must_divide_by_the_global_batch(tmp_path):
     proc = run_submit("pretrain", "obow", "resnet_tiny", *TINY, "method.num_words=60", "trainer.max_steps=1",
-                      f"run_dir={tmp_path}", "run_name=r")
+                      f"run_dir={tmp_path}", "run_name=r", in_process=True)
     assert proc.returncode == 2 and "multiple of the global batch" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

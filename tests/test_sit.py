@@ -177,7 +177,7 @@ def test_bad_values_are_one_line_errors_naming_the_choices(tmp_path):
     # real shards, so the error cannot depend on whether an earlier test built the demo data
     shards = small_split("train", 64, tmp_path / "shards")
     proc = run_submit("pretrain", "sit", "vit_tiny_test", "method.views.interpolation=cubic", "trainer.max_steps=1",
-                      "data.num_workers=0", f"data={shards}", f"run_dir={tmp_path}")
+                      "data.num_workers=0", f"data={shards}", f"run_dir={tmp_path}", in_process=True)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert "'cubic'" in lines[0] and "bicubic" in lines[0] and "bilinear" in lines[0]
@@ -191,7 +191,7 @@ def test_run_logs_terms_weights_pictures_and_exports_the_plain_vit(tmp_path):
     plain timm ViT, none of SiT's) and gives the same features as the trained backbone."""
     run_submit("pretrain", "sit", "vit_t", "trainer.max_steps=3", "data.batch_size=8", "data.num_workers=0",
                "images_every_n_steps=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-               f"run_dir={tmp_path}", "run_name=r", check=True, timeout=900)
+               f"run_dir={tmp_path}", "run_name=r", check=True, timeout=900, in_process=True)
     run = tmp_path / "r"
     scalars = read_scalars(run / "tb")
     for tag in ["train/loss", "train/rotation_acc", *[f"train/{p}_{t}" for p in ("s", "factor") for t in TASKS],
@@ -230,7 +230,7 @@ def test_one_training_step_of_the_vit_b_recipe_at_small_resolution(tmp_path):
     auto), only at 32 px (2 x 2 patches of 16 px) and 4 images, one optimizer step."""
     run_submit("pretrain", "sit", "vit_b", "image_size=32", "backbone.kwargs.img_size=32", "batch_size=4",
                "data.num_workers=0", "trainer.max_steps=1", "trainer.enable_progress_bar=false",
-               "trainer.log_every_n_steps=1", f"run_dir={tmp_path}", "run_name=r", check=True, timeout=900)
+               "trainer.log_every_n_steps=1", f"run_dir={tmp_path}", "run_name=r", check=True, timeout=900, in_process=True)
     run = tmp_path / "r"
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["optim"]["lr"] == 5e-4 and cfg["backbone"]["kwargs"]["drop_path_rate"] == 0.1

@@ -47,7 +47,8 @@ def test_visible_average_ignores_masked_positions():
 def test_headline_command_runs_and_exports_into_timm(tmp_path):
     # the demo command itself, shortened to 3 steps (the full demo is timed in docs/results/spark.md)
     run_submit("pretrain", "spark", "convnext_b", "trainer.max_steps=3", "images_every_n_steps=2",
-               "trainer.log_every_n_steps=1", f"run_dir={tmp_path}", "run_name=r", timeout=1200, check=True)
+               "trainer.log_every_n_steps=1", f"run_dir={tmp_path}", "run_name=r", timeout=1200, check=True,
+               in_process=True)
     run = tmp_path / "r"
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["method"]["name"] == "spark" and cfg["data"]["image_size"] == 64
