@@ -191,11 +191,13 @@ def backbone_kwargs(overrides: list[str]) -> dict:
 def check_probe(cfg: DictConfig, backbone) -> None:
     """Numbers of the probe config, and the backbone against the image size, before features."""
     from selfsup.backbones.base import Backbone
+    from selfsup.eval.solver import check_solver
 
     check_numbers(cfg)
     if str(cfg.probe.precision) not in ("auto", *AUTOCAST_DTYPES):
         raise UserError(f"probe.precision={cfg.probe.precision!r}: use auto (bf16 where the hardware computes it "
                         f"natively, else fp32) or one of {', '.join(AUTOCAST_DTYPES)}")
+    check_solver(cfg.probe)
     if isinstance(backbone, Backbone):
         backbone.check_image_size(int(cfg.data.image_size))
 
