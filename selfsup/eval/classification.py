@@ -89,6 +89,7 @@ class ImageClassification(EvalTarget):
     result_type = ClassificationResult
     result_file = "probe.json"
     scores_layers = True
+    splits_by_shard = True
 
     def labelled_batches(self, cfg, split: str, spec) -> dict:
         from selfsup.data.stream import eval_loader
