@@ -153,6 +153,15 @@ def test_probe_solver_refusals(submit, override, line):
     assert submit("probe", "pixels", "data=digits", override, run_dir=False).startswith(f"submit probe: error: {line}")
 
 
+def test_probe_cluster_refusals(submit):
+    line = submit("probe", "pixels", "data=digits", "nodes=2", run_dir=False)
+    assert line == ("submit probe: error: nodes=2: a local probe runs in one process; extraction on several GPUs "
+                    "or nodes needs cluster=slurm")
+    assert "unknown cluster 'slurmx': did you mean 'slurm'" in submit("probe", "pixels", "cluster=slurmx", run_dir=False)
+    line = submit("probe", "random:resnet_tiny", "data=digits", "cluster=slurm", run_dir=False)
+    assert "cluster=slurm: probe a run folder (or a .ckpt inside one), not 'random:resnet_tiny'" in line
+
+
 def test_continual_refusals(submit):
     assert "tasks=0: need at least one task" in submit("continual", "contracon", "cct_tiny_test", "data=digits", "tasks=0")
     line = submit("continual", "contracon", "cct_tiny_test", "data=digits", "tasks=11")

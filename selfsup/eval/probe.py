@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from selfsup.core.atomic import write_atomic, write_text_atomic
 from selfsup.core.config_checks import check_numbers
-from selfsup.core.config_files import config_root, load_config, select_data
-from selfsup.core.errors import UserError
+from selfsup.core.config_files import available, config_root, load_config, select_data
+from selfsup.core.errors import UserError, unknown_choice
 from selfsup.core.overrides import parse_overrides, parse_value, set_key
 from selfsup.core.precision import resolve_precision
 from selfsup.eval.targets import EvalTarget, ProbeResult, get_target
@@ -53,8 +53,14 @@ def extract_features(backbone, loader, device: str | torch.device = "cpu", desc:
 
 def probe_config(overrides: list[str], run_cfg: DictConfig | None) -> DictConfig:
     root = config_root()
-    cfg = OmegaConf.merge({"data": load_config(root / "defaults.yaml").data}, load_config(root / "probe.yaml"))
+    defaults = load_config(root / "defaults.yaml")
+    cfg = OmegaConf.merge({"data": defaults.data}, load_config(root / "probe.yaml"))
     pairs = parse_overrides(overrides)
+    # where the probe runs (`cluster=slurm nodes=N gpus_per_node=G`: selfsup/launch/probe_job.py)
+    cluster = dict(pairs).get("cluster", defaults.cluster.name)
+    if cluster not in available("cluster"):
+        raise unknown_choice("cluster", cluster, available("cluster"))
+    cfg = OmegaConf.merge(cfg, load_config(root / "cluster" / f"{cluster}.yaml"))
     data_choice = dict(pairs).get("data")
     run_target = run_eval_target(run_cfg, root) if run_cfg is not None and data_choice is None else None
     if data_choice is None and run_cfg is not None:
@@ -73,7 +79,7 @@ def probe_config(overrides: list[str], run_cfg: DictConfig | None) -> DictConfig
         for key in ("image_size", "mean", "std"):
             cfg.data[key] = run_cfg.data[key]
     for key, raw in pairs:
-        if key != "data":
+        if key not in ("data", "cluster"):
             set_key(cfg, key, raw)
     return cfg
 
@@ -235,10 +241,24 @@ def check_probe(cfg: DictConfig, backbone) -> None:
         backbone.check_image_size(int(cfg.data.image_size))
 
 
-def run_probe(target: str, overrides: list[str], share=None) -> ProbeResult | None:
-    """Probe `target`. With a `share` of several ranks (selfsup.eval.feature_parts.RankShare: the tasks
-    of a Slurm job) every rank extracts its block of the shards; rank 0 gathers the features, fits
-    and returns the result, the other ranks None."""
+@dataclass
+class ProbePlan:
+    """A probe, checked and ready to extract: its backbone, config, eval target and layers."""
+
+    target: str
+    loaded: ProbedBackbone
+    cfg: DictConfig
+    eval_target: EvalTarget
+    positions: list[int] | None  # probe.layers' positions (None: the final features only)
+
+    @property
+    def cache_dir(self) -> Path | None:
+        return self.loaded.run_dir / "probe" if self.loaded.run_dir else None
+
+
+def plan_probe(target: str, overrides: list[str]) -> ProbePlan:
+    """Load the target, compose and check the probe config: every refusal comes from here, before
+    any feature is extracted."""
     kwargs = backbone_kwargs(overrides)
     if kwargs and not target.startswith("random:"):
         raise UserError("backbone.kwargs.* only applies to random:<backbone> (a trained target carries its own)")
@@ -250,7 +270,15 @@ def run_probe(target: str, overrides: list[str], share=None) -> ProbeResult | No
     positions = check_layers(cfg, loaded.backbone if loaded else None, eval_target)
     if loaded is None:  # the raw-pixel baseline: the eval target knows what its inputs' pixels are
         loaded = ProbedBackbone(eval_target.pixels(), f"{PIXELS}:{eval_target.name}")
-    cache_dir = loaded.run_dir / "probe" if loaded.run_dir else None
+    return ProbePlan(target, loaded, cfg, eval_target, positions)
+
+
+def run_probe(target: str, overrides: list[str], share=None) -> ProbeResult | None:
+    """Probe `target`. With a `share` of several ranks (selfsup.eval.feature_parts.RankShare: the tasks
+    of a Slurm job) every rank extracts its block of the shards; rank 0 gathers the features, fits
+    and returns the result, the other ranks None."""
+    plan = plan_probe(target, overrides)
+    loaded, cfg, eval_target, positions, cache_dir = plan.loaded, plan.cfg, plan.eval_target, plan.positions, plan.cache_dir
     if positions is None:
         features = probe_features(loaded.backbone, cfg, eval_target, cache_dir, loaded.identity, share=share)
         if features is None:  # a rank > 0: its part is written, rank 0 fits

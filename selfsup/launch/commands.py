@@ -152,9 +152,9 @@ def _submit_to_slurm(cfg, run_dir: Path) -> int:
 
 
 def probe(args) -> int:
-    from selfsup.eval.probe import run_probe_command
+    from selfsup.launch.probe_job import probe_command
 
-    return run_probe_command(args.target, args.overrides)
+    return probe_command(args.target, args.overrides)
 
 
 def continual(args) -> int:
