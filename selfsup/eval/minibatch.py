@@ -25,7 +25,9 @@ import torch.nn.functional as F
 
 from selfsup.eval.linear import LinearClassifier, split_train_val, topk_accuracy
 
-DEFAULT_LRS = (0.003, 0.03, 0.3)
+# the best rates at 10 epochs were 0.1-1.0 on real 256-d and 512-d Fashion-MNIST features (10 classes)
+# and 1.0 on synthetic 512-d features of 1000 classes: the grid brackets them
+DEFAULT_LRS = (0.01, 0.1, 1.0)
 STATS_CHUNK = 65536  # rows per pass of the feature statistics and of scoring (bounds their memory)
 SCORE_ELEMENTS = 1 << 25  # logits held at once while scoring: rows x pairs x classes
 
