@@ -11,8 +11,8 @@ of it (1,281,167) by default.
     python benchmarks/probe_scale.py --device cuda --sizes 128000 1281167       # whole probes on a GPU
     python benchmarks/probe_scale.py --tiny                                      # every path, in seconds
 
-`--steps N` times N optimiser steps of each fit and extrapolates to the configured epochs (a whole
-probe takes hours on a small CPU); `--steps 0` runs the whole probe (sweep, refit of the chosen
+`--steps N` times N optimiser steps of each fit (`--repeats` times, batched and single alternated,
+medians) and extrapolates to the configured epochs (a whole probe takes hours on a small CPU); `--steps 0` runs the whole probe (sweep, refit of the chosen
 pair, test) and, for the baseline, every pair's whole fit one after another. `--lbfgs-iters N` times
 N L-BFGS iterations on the whole train split and on the sweep's 20,000 samples and extrapolates to
 probe.max_iter iterations per fit (an upper bound: L-BFGS may meet its tolerance sooner). Times are
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -75,14 +76,24 @@ class Timer:
             torch.cuda.synchronize()
 
 
-def timed_steps(x, y, classes, grid, settings, rows, source, stats, steps: int) -> tuple[float, float]:
-    """Wall and CPU seconds per optimiser step of a fit of the pairs `grid`: one warm-up step, then
-    `steps` timed (the feature statistics, one pass over the rows per fit, are given, not timed)."""
-    wds, lrs = [wd for wd, _ in grid], [lr for _, lr in grid]
-    train_pairs(x, y, classes, wds, lrs, settings, rows=rows, source=source, stats=stats, max_steps=1)
-    with Timer(settings.device) as t:
-        train_pairs(x, y, classes, wds, lrs, settings, rows=rows, source=source, stats=stats, max_steps=steps)
-    return t.wall / steps, t.cpu / steps
+def timed_steps(x, y, classes, grids: list, settings, rows, source, stats, steps: int, repeats: int) -> list:
+    """(wall, CPU) seconds per optimiser step of a fit of each grid of pairs in `grids`: one warm-up
+    step each, then `repeats` fits of `steps` steps, the grids alternated repeat by repeat (so a
+    change in the machine's load falls on all of them), medians. The feature statistics (one pass
+    over the rows per fit) are given, not timed."""
+    def fit(grid, n):
+        wds, lrs = [wd for wd, _ in grid], [lr for _, lr in grid]
+        train_pairs(x, y, classes, wds, lrs, settings, rows=rows, source=source, stats=stats, max_steps=n)
+
+    for grid in grids:
+        fit(grid, 1)
+    times = [[] for _ in grids]
+    for _ in range(repeats):
+        for grid, kept in zip(grids, times):
+            with Timer(settings.device) as t:
+                fit(grid, steps)
+            kept.append((t.wall / steps, t.cpu / steps))
+    return [(statistics.median(w for w, _ in kept), statistics.median(c for _, c in kept)) for kept in times]
 
 
 def lbfgs_seconds_per_iteration(x, y, classes, iters: int, device: str) -> tuple[float, float]:
@@ -122,13 +133,14 @@ def measure_size(n: int, args, emit) -> None:
     if args.steps:
         source = feature_source(x, args.device)
         stats = feature_stats(x, fit_rows)
-        batched, batched_cpu = timed_steps(x, y, args.classes, grid, settings, fit_rows, source, stats, args.steps)
-        single, single_cpu = timed_steps(x, y, args.classes, grid[:1], settings, fit_rows, source, stats, args.steps)
+        (batched, batched_cpu), (single, single_cpu) = timed_steps(
+            x, y, args.classes, [grid, grid[:1]], settings, fit_rows, source, stats, args.steps, args.repeats)
         all_at_once = batched * sweep_steps + single * refit_steps
         one_by_one = single * sweep_steps * pairs + single * refit_steps
-        emit(row([label, args.device, f"all {pairs} pairs at once", f"{args.steps} steps timed",
+        timed = f"{args.repeats} x {args.steps} steps timed"
+        emit(row([label, args.device, f"all {pairs} pairs at once", timed,
                   f"{batched:.2f} s ({batched_cpu:.2f} CPU)", f"{hours(all_at_once)} (extrapolated)", "-"]))
-        emit(row([label, args.device, "one pair at a time", f"{args.steps} steps timed",
+        emit(row([label, args.device, "one pair at a time", timed,
                   f"{single:.2f} s ({single_cpu:.2f} CPU)", f"{hours(one_by_one)} (extrapolated)",
                   f"{one_by_one / all_at_once:.1f}x the batched time"]))
     else:
@@ -176,6 +188,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weight-decays", type=float, nargs="+", default=list(DEFAULT_WEIGHT_DECAYS))
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=3, help="optimiser steps timed per fit (0: whole fits)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed fits of --steps steps each (median)")
     parser.add_argument("--lbfgs-iters", type=int, default=2, help="L-BFGS iterations timed (0: no L-BFGS)")
     parser.add_argument("--lbfgs-max-samples", type=int,
                         help="L-BFGS only up to this many samples (its float32 copies and logits must fit in "
@@ -189,7 +202,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tiny:
         args.sizes, args.dim, args.classes, args.signal = [2000], 32, 10, 1.0
-        args.batch_size, args.epochs, args.select_samples = 256, 2, 500
+        args.batch_size, args.epochs, args.select_samples, args.repeats = 256, 2, 500, 2
     return args
 
 

@@ -124,6 +124,7 @@ def test_probe_scale_tiny_times_the_batched_sweep_one_pair_at_a_time_and_lbfgs(t
     assert [r["solver"] for r in rows] == ["all 15 pairs at once", "one pair at a time",
                                           "L-BFGS (5 penalties on 500, refit on all)"]
     assert all(r["train samples x dim x classes"] == "2,000 x 32 x 10" and r["device"] == "cpu" for r in rows)
+    assert rows[0]["measured"] == rows[1]["measured"] == "2 x 3 steps timed"
     for r in rows:
         assert positive(r["per step / iteration"].split(" s ")[0]) and "(extrapolated" in r["whole probe"]
     assert rows[1]["note"].endswith("x the batched time") and positive(rows[1]["note"].split("x ")[0])
