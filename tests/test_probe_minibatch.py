@@ -65,6 +65,22 @@ def test_feature_stats_of_bf16_rows_match_torch():
     torch.testing.assert_close(std, reference.std(0))
 
 
+def test_batched_top_k_in_chunks_equals_each_classifier_scored_alone(monkeypatch):
+    from selfsup.eval import minibatch
+    from selfsup.eval.linear import LinearClassifier, topk_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(5, generator=g), torch.rand(5, generator=g) + 0.5  # one standardisation, as a sweep's
+    classifiers = [LinearClassifier(torch.randn(7, 5, generator=g), torch.randn(7, generator=g), mean, std)
+                   for _ in range(3)]
+    x, y = torch.randn(1000, 5, generator=g), torch.randint(0, 7, (1000,), generator=g)
+    rows = torch.randperm(1000, generator=g)[:300]
+    monkeypatch.setattr(minibatch, "SCORE_ELEMENTS", 3 * 7 * 64)  # chunks of 64 rows
+    scores = minibatch.batched_topk(classifiers, x, y, "cpu", rows, ks=(1, 5))
+    expected = [[topk_accuracy(c.logits(x[rows]), y[rows], k) for k in (1, 5)] for c in classifiers]
+    torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-4)
+
+
 def probe_cfg(**overrides):
     cfg = OmegaConf.load("configs/probe.yaml").probe
     for key, value in overrides.items():
