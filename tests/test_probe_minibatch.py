@@ -10,11 +10,11 @@ from selfsup.eval.minibatch import MinibatchSettings, feature_stats, minibatch_p
 from selfsup.eval.solver import resolve_solver
 from test_probe import blobs
 
-FAST = MinibatchSettings(epochs=5, batch_size=128, lrs=(0.03, 0.3))
+FAST = MinibatchSettings(epochs=4, batch_size=256, lrs=(0.03, 0.3))
 
 
 def test_minibatch_probe_separates_blobs_and_matches_lbfgs_on_overlapping_ones():
-    x, y = blobs(2000)
+    x, y = blobs(1000)
     xt, yt = blobs(500, seed=1)
     result = minibatch_probe(x, y, xt, yt, 4, settings=FAST, weight_decays=(0.0, 1e-3))
     assert result["top1"] > 97 and result["top5"] == 100
@@ -22,7 +22,7 @@ def test_minibatch_probe_separates_blobs_and_matches_lbfgs_on_overlapping_ones()
     # overlapping classes: the mini-batch fit lands where the converged full-batch one does
     x, y = blobs(2000, noise=4.0)
     xt, yt = blobs(1000, seed=1, noise=4.0)
-    lbfgs = linear_probe(x, y, xt, yt, 4)["top1"]
+    lbfgs = linear_probe(x, y, xt, yt, 4, weight_decays=(0.0, 1e-3))["top1"]
     minibatch = minibatch_probe(x, y, xt, yt, 4, settings=FAST, weight_decays=(0.0, 1e-3))["top1"]
     assert 60 < lbfgs and abs(minibatch - lbfgs) < 2.0, (minibatch, lbfgs)
 
@@ -31,21 +31,21 @@ def test_a_diverging_pair_is_flagged_never_chosen_and_leaves_the_others_alone():
     # penalty 1 at lr 1e4: every step multiplies the weights by about -1e4: inf, then nan
     x, y = blobs(1000, noise=2.0)
     xt, yt = blobs(300, seed=1, noise=2.0)
-    settings = MinibatchSettings(epochs=3, batch_size=100, lrs=(0.1, 1e4))
+    settings = MinibatchSettings(epochs=3, batch_size=200, lrs=(0.1, 1e4))
     result = minibatch_probe(x, y, xt, yt, 4, settings=settings, weight_decays=(1e-4, 1.0))
     sweep = {(r["weight_decay"], r["lr"]): r for r in result["sweep"]}
     assert sweep[(1.0, 1e4)].get("diverged") and sweep[(1.0, 1e4)]["val_top1"] == 0.0
     assert result["chosen"] != {"weight_decay": 1.0, "lr": 1e4}
     assert result["top1"] > 80
-    alone = minibatch_probe(x, y, xt, yt, 4, settings=MinibatchSettings(epochs=3, batch_size=100, lrs=(0.1,)),
+    alone = minibatch_probe(x, y, xt, yt, 4, settings=MinibatchSettings(epochs=3, batch_size=200, lrs=(0.1,)),
                             weight_decays=(1e-4,))
     assert alone["sweep"][0]["val_top1"] == pytest.approx(sweep[(1e-4, 0.1)]["val_top1"], abs=0.5)
 
 
 def test_pairs_trained_together_equal_each_pair_trained_alone():
-    x, y = blobs(1200, d=24, k=5, noise=3.0)
+    x, y = blobs(600, d=24, k=5, noise=3.0)
     decays, lrs = [0.0, 1e-3, 1e-2], [0.3, 0.03, 0.1]
-    settings = MinibatchSettings(epochs=3, batch_size=64)
+    settings = MinibatchSettings(epochs=2, batch_size=64)
     together, _ = train_pairs(x, y, 5, decays, lrs, settings, seed=7)
     for i, (wd, lr) in enumerate(zip(decays, lrs)):
         (alone,), _ = train_pairs(x, y, 5, [wd], [lr], settings, seed=7)
@@ -99,7 +99,8 @@ def test_auto_keeps_lbfgs_for_ordinary_data_and_goes_minibatch_at_imagenet_size(
 def test_probe_with_the_minibatch_solver_records_it():
     from selfsup.eval.probe import run_probe
 
-    result = run_probe("pixels", ["data=digits", "probe.solver=minibatch", "probe.minibatch.epochs=4",
+    # 8 px: the digits' own resolution, 64 pixel features
+    result = run_probe("pixels", ["data=digits", "data.image_size=8", "probe.solver=minibatch", "probe.minibatch.epochs=4",
                                   "probe.minibatch.batch_size=128", "probe.weight_decays=[0.0,1e-3]"])
     linear = result["linear"]
     assert linear["solver"] == "minibatch" and linear["device"] == "cpu"
@@ -107,3 +108,16 @@ def test_probe_with_the_minibatch_solver_records_it():
     assert linear["top1"] > 85  # raw pixels of the digits: L-BFGS scores about 95
     assert f"lr={linear['chosen']['lr']:g} (minibatch)" in result.table("pixels")
     assert result["probe"]["minibatch"]["epochs"] == 4
+
+
+def test_atari_ram_variables_fit_with_the_configured_solver():
+    from selfsup.eval.atari_ram import probe_variable
+
+    x, y = blobs(600)
+    xt, yt = blobs(200, seed=1)
+    ram, ram_test = (y * 50 + 7).numpy(), (yt * 50 + 7).numpy()  # byte values, not class indices
+    for solver in ("auto", "minibatch"):
+        cfg = OmegaConf.create({"probe": probe_cfg(solver=solver, **{"minibatch.epochs": 3, "minibatch.batch_size": 128})})
+        row = probe_variable(x, ram, xt, ram_test, cfg)
+        assert row["solver"] == ("lbfgs" if solver == "auto" else "minibatch")
+        assert ("lr" in row) == (solver == "minibatch") and row["f1"] > 0.95 and row["train_values"] == 4
