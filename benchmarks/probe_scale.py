@@ -123,8 +123,8 @@ def measure_size(n: int, args, emit) -> None:
     grid = [(wd, lr) for wd in args.weight_decays for lr in args.lrs]
     start = time.perf_counter()
     x, y = synthetic(n, args.dim, args.classes, args.signal, 0, dtype)
-    print(f"# {n} x {args.dim} {str(dtype).removeprefix('torch.')} features made in {time.perf_counter() - start:.0f} s",
-          file=sys.stderr, flush=True)
+    made = time.perf_counter() - start
+    print(f"# {n} x {args.dim} {str(dtype).removeprefix('torch.')} features made in {made:.0f} s", file=sys.stderr, flush=True)
     fit_rows, _ = split_train_val(n, args.val_fraction, args.seed)
     sweep_steps = args.epochs * math.ceil(len(fit_rows) / args.batch_size)
     refit_steps = args.epochs * math.ceil(n / args.batch_size)
@@ -144,7 +144,8 @@ def measure_size(n: int, args, emit) -> None:
                   f"{single:.2f} s ({single_cpu:.2f} CPU)", f"{hours(one_by_one)} (extrapolated)",
                   f"{one_by_one / all_at_once:.1f}x the batched time"]))
     else:
-        xt, yt = synthetic(50 * args.classes if not args.tiny else n // 4, args.dim, args.classes, args.signal, 1, dtype)
+        test_samples = n // 4 if args.tiny else 50 * args.classes  # ImageNet's validation set: 50 a class
+        xt, yt = synthetic(test_samples, args.dim, args.classes, args.signal, 1, dtype)
         with Timer(args.device) as t:
             result = minibatch_probe(x, y, xt, yt, args.classes, settings=settings,
                                      weight_decays=tuple(args.weight_decays), val_fraction=args.val_fraction,

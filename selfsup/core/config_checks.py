@@ -92,7 +92,8 @@ def check_numbers(cfg: DictConfig) -> None:
         raise UserError(f"probe.weight_decays={list(decays)}: must be one or more penalties of 0 or more, e.g. [0.0, 1e-4]")
     lrs = OmegaConf.select(cfg, "probe.minibatch.lrs")
     if lrs is not None and (not lrs or not all(_number(v) and _positive(v) for v in lrs)):
-        raise UserError(f"probe.minibatch.lrs={list(lrs)}: must be one or more positive learning rates, e.g. [0.01, 0.1, 1.0]")
+        raise UserError(f"probe.minibatch.lrs={list(lrs)}: must be one or more positive learning rates, "
+                        "e.g. [0.01, 0.1, 1.0]")
     betas = OmegaConf.select(cfg, "optim.betas")
     if betas is not None and (len(betas) != 2 or not all(_below_one(b) for b in betas)):
         raise UserError(f"optim.betas={list(betas)}: must be two numbers in [0, 1), e.g. [0.9, 0.999]")

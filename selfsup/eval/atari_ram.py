@@ -8,10 +8,11 @@ stacks of the train split, score on the test split (held-out episodes, played wi
 weighted F1 per variable (as AtariARI), and the mean over variables. A variable that is constant in
 the probe's train split is reported but left out of the mean (any probe gets it right).
 
-The classifier is the logistic regression of selfsup.eval.solver (`probe.solver`: L-BFGS at the size
-of these probes), its L2 penalty chosen on a validation split carved from the train stacks. Baselines: `random:<backbone>` (the same encoder at
-its random init) and `pixels` (the stack's last frame, 84x84 = 7056 values, standardised). The probe
-reads the final pooled features only: `probe.layers` is refused (EvalTarget.scores_layers).
+The classifier is the logistic regression of selfsup.eval.solver (`probe.solver`: L-BFGS at the
+size of these probes), its L2 penalty chosen on a validation split carved from the train stacks.
+Baselines: `random:<backbone>` (the same encoder at its random init) and `pixels` (the stack's last
+frame, 84x84 = 7056 values, standardised). The probe reads the final pooled features only:
+`probe.layers` is refused (EvalTarget.scores_layers).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The image-classification target: a linear probe (weight decay, and the mini-batch solver's lr,
-chosen on a validation split of train; selfsup.eval.solver) and weighted k-NN on features of labelled image shards, top-1 / top-5 on the test split."""
+chosen on a validation split of train; selfsup.eval.solver) and weighted k-NN on features of
+labelled image shards, top-1 / top-5 on the test split."""
 
 from __future__ import annotations
 
