@@ -136,6 +136,32 @@ def test_probe_export_and_shards_refusals(submit, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("override, line", [
+    ("probe.solver=sgd", "probe.solver='sgd': use auto (L-BFGS up to probe.minibatch.auto_above = samples x dims x "
+                         "classes, mini-batch above), lbfgs or minibatch"),
+    ("probe.minibatch.epochs=0", "probe.minibatch.epochs=0: must be a positive number of epochs, e.g. 10"),
+    ("probe.minibatch.batch_size=-5", "probe.minibatch.batch_size=-5: must be a positive number of samples per step, "
+                                      "e.g. 4096"),
+    ("probe.minibatch.momentum=1", "probe.minibatch.momentum=1.0: must be in [0, 1), e.g. 0.9"),
+    ("probe.minibatch.auto_above=0", "probe.minibatch.auto_above=0.0: must be a positive size"),
+    ("probe.minibatch.lrs=[]", "probe.minibatch.lrs=[]: must be one or more positive learning rates"),
+    ("probe.minibatch.lrs=[0.1,-1e-2]", "probe.minibatch.lrs=[0.1, -0.01]: must be one or more positive"),
+    ("probe.minibatch.lrs=[fast]", "probe.minibatch.lrs=['fast']: must be one or more positive"),
+    ("probe.weight_decays=[1e-4,x]", "probe.weight_decays=[0.0001, 'x']: must be one or more penalties"),
+])
+def test_probe_solver_refusals(submit, override, line):
+    assert submit("probe", "pixels", "data=digits", override, run_dir=False).startswith(f"submit probe: error: {line}")
+
+
+def test_probe_cluster_refusals(submit):
+    line = submit("probe", "pixels", "data=digits", "nodes=2", run_dir=False)
+    assert line == ("submit probe: error: nodes=2: a local probe runs in one process; extraction on several GPUs "
+                    "or nodes needs cluster=slurm")
+    assert "unknown cluster 'slurmx': did you mean 'slurm'" in submit("probe", "pixels", "cluster=slurmx", run_dir=False)
+    line = submit("probe", "random:resnet_tiny", "data=digits", "cluster=slurm", run_dir=False)
+    assert "cluster=slurm: probe a run folder (or a .ckpt inside one), not 'random:resnet_tiny'" in line
+
+
 def test_continual_refusals(submit):
     assert "tasks=0: need at least one task" in submit("continual", "contracon", "cct_tiny_test", "data=digits", "tasks=0")
     line = submit("continual", "contracon", "cct_tiny_test", "data=digits", "tasks=11")

@@ -1,5 +1,6 @@
 """benchmarks/gpu_suite.py runs end to end on a CPU (--tiny) and writes the tables it promises; its
-out-of-memory fallback and its time limit do what they say."""
+out-of-memory fallback and its time limit do what they say. benchmarks/probe_scale.py (--tiny) times
+every solver it compares."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_common  # noqa: E402
 import gpu_suite  # noqa: E402
+import probe_scale  # noqa: E402
 
 
 def markdown_tables(text: str) -> dict[str, list[dict[str, str]]]:
@@ -110,3 +112,19 @@ def test_time_limit_ends_a_runaway_item_and_keeps_an_outer_alarm():
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert not outer
+
+
+def test_probe_scale_tiny_times_the_batched_sweep_one_pair_at_a_time_and_lbfgs(tmp_path):
+    out = tmp_path / "probe.md"
+    probe_scale.main(["--tiny", "--out", str(out)])
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("Machine: ") and "2 epochs at batch 256, 5 penalties x 3 learning rates" in lines[2]
+    header = [c.strip() for c in lines[4].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[6:]]
+    assert [r["solver"] for r in rows] == ["all 15 pairs at once", "one pair at a time",
+                                          "L-BFGS (5 penalties on 500, refit on all)"]
+    assert all(r["train samples x dim x classes"] == "2,000 x 32 x 10" and r["device"] == "cpu" for r in rows)
+    assert rows[0]["measured"] == rows[1]["measured"] == "2 x 3 steps timed"
+    for r in rows:
+        assert positive(r["per step / iteration"].split(" s ")[0]) and "(extrapolated" in r["whole probe"]
+    assert rows[1]["note"].endswith("x the batched time") and positive(rows[1]["note"].split("x ")[0])

@@ -73,6 +73,7 @@ def test_submit_probe_random_and_run_folder(tmp_path):
     result = json.loads((run / "probe.json").read_text())
     assert result["global_step"] == 3 and result["test_samples"] == 360
     assert 0 <= result["linear"]["top1"] <= 100 and result["knn"]["k"] == 20
+    assert result["linear"]["solver"] == "lbfgs"  # probe.solver=auto on data of this size
     cached = list((run / "probe").glob("features-*.pt"))
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns

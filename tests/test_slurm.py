@@ -214,3 +214,30 @@ def test_two_tasks_ddp_on_slurm_checkpoint_together_and_resume(slurm, tmp_path):
     assert steps[0] == steps[1]  # the ranks agreed on the step
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == EPOCHS * BATCHES_PER_EPOCH
+
+
+def test_probe_job_extracts_on_two_tasks_and_task_0_fits(slurm, tmp_path):
+    """`submit probe RUN cluster=slurm` with 2 tasks: each extracts its block of the 3 train shards,
+    task 0 gathers the parts into the run's feature cache (in shard order) and writes probe.json."""
+    import webdataset as wds
+
+    run_submit("shards", "digits", tmp_path / "shards", "--samples-per-shard", 300, check=True)
+    run_submit("pretrain", *TINY, "trainer.max_steps=1", "images_every_n_steps=0", f"run_dir={tmp_path / 'runs'}",
+               "run_name=p", check=True)
+    run = tmp_path / "runs" / "p"
+    train = [str(tmp_path / "shards" / "train" / f"train-00000{i}.tar") for i in range(3)]
+    proc = run_submit("probe", run, "cluster=slurm", "cluster.profile=local", "cluster.tasks_per_node=2",
+                      f"data.train={tmp_path / 'shards' / 'train' / 'train-{000000..000002}.tar'}",
+                      f"data.test={tmp_path / 'shards' / 'test' / 'test-000000.tar'}", "data.num_workers=0",
+                      "probe.max_iter=30", "probe.weight_decays=[1e-4]", check=True)
+    job_id = re.search(r"submitted Slurm probe job (\d+) \(1 node\(s\) x 2 task\(s\)\)", proc.stdout).group(1)
+    assert json.loads((run / "probe" / "slurm" / "jobs.json").read_text())[0]["job_id"] == job_id
+    result = _wait(lambda: (run / "probe.json").exists() and json.loads((run / "probe.json").read_text()), 240,
+                   "probe.json from the Slurm job")
+    assert result["extraction_ranks"] == 2 and (result["train_samples"], result["test_samples"]) == (900, 300)
+    (cache,) = (run / "probe").glob("features-*")  # the parts are gone, gathered into the cache
+    labels = [int(s["cls"]) for s in wds.WebDataset(train, shardshuffle=False)]
+    assert torch.load(cache, weights_only=True)["train"]["all"][1].tolist() == labels
+    logs = {task: (run / "probe" / "slurm" / f"{job_id}_{task}_log.out").read_text() for task in (0, 1)}
+    assert "probe task 1 of 2" in logs[1] and "task 1: features written" in logs[1]
+    assert "probe task 0 of 2" in logs[0] and "linear (chosen on val)" in logs[0]

@@ -19,6 +19,10 @@ SCHEDULES = ("cosine", "constant")
 DURATION = re.compile(r"(\d+):(\d\d):(\d\d):(\d\d)")  # Lightning's max_time string, DD:HH:MM:SS
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _positive(v) -> bool:
     return v > 0
 
@@ -67,6 +71,10 @@ NUMBER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "probe.val_fraction": (lambda v: 0.0 < v < 1.0, "in (0, 1), e.g. 0.1 (carved from the train split)"),
     "probe.max_iter": (_positive, "a positive number of L-BFGS iterations"),
     "probe.select_samples": (_positive, "a positive number of samples"),
+    "probe.minibatch.auto_above": (_positive, "a positive size (train samples x feature dim x classes), e.g. 1e10"),
+    "probe.minibatch.epochs": (_positive, "a positive number of epochs, e.g. 10"),
+    "probe.minibatch.batch_size": (_positive, "a positive number of samples per step, e.g. 4096"),
+    "probe.minibatch.momentum": (_below_one, "in [0, 1), e.g. 0.9"),
     "probe.knn_k": (_positive, "a positive number of neighbours, e.g. 20"),
     "probe.knn_temperature": (_positive, "a positive temperature, e.g. 0.07"),
 }
@@ -80,8 +88,12 @@ def check_numbers(cfg: DictConfig) -> None:
         if value is not None and not passes(value):
             raise UserError(f"{key}={value!r}: must be {wanted}")
     decays = OmegaConf.select(cfg, "probe.weight_decays")
-    if decays is not None and (not decays or not all(_non_negative(d) for d in decays)):
+    if decays is not None and (not decays or not all(_number(d) and _non_negative(d) for d in decays)):
         raise UserError(f"probe.weight_decays={list(decays)}: must be one or more penalties of 0 or more, e.g. [0.0, 1e-4]")
+    lrs = OmegaConf.select(cfg, "probe.minibatch.lrs")
+    if lrs is not None and (not lrs or not all(_number(v) and _positive(v) for v in lrs)):
+        raise UserError(f"probe.minibatch.lrs={list(lrs)}: must be one or more positive learning rates, "
+                        "e.g. [0.01, 0.1, 1.0]")
     betas = OmegaConf.select(cfg, "optim.betas")
     if betas is not None and (len(betas) != 2 or not all(_below_one(b) for b in betas)):
         raise UserError(f"optim.betas={list(betas)}: must be two numbers in [0, 1), e.g. [0.9, 0.999]")

@@ -34,19 +34,28 @@ def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def parse_value(text: str) -> Any:
-    """YAML scalars and lists, plus numbers such as 1e-3 that YAML 1.1 would leave as strings."""
-    import yaml
-
+def _number(text: str) -> Any:
     for cast in (int, float):
         try:
             return cast(text)
         except ValueError:
             pass
+    return text
+
+
+def parse_value(text: str) -> Any:
+    """YAML scalars and lists, plus numbers such as 1e-3 that YAML 1.1 would leave as strings (in a
+    list too: `[0.0,1e-3]`)."""
+    import yaml
+
+    value = _number(text)
+    if value is not text:
+        return value
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    return [_number(v) if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
 
 
 def _flat_keys(cfg: DictConfig, prefix: str = "") -> list[str]:

@@ -8,10 +8,11 @@ stacks of the train split, score on the test split (held-out episodes, played wi
 weighted F1 per variable (as AtariARI), and the mean over variables. A variable that is constant in
 the probe's train split is reported but left out of the mean (any probe gets it right).
 
-The classifier is the L-BFGS logistic regression of selfsup.eval.linear, its L2 penalty chosen on a
-validation split carved from the train stacks. Baselines: `random:<backbone>` (the same encoder at
-its random init) and `pixels` (the stack's last frame, 84x84 = 7056 values, standardised). The probe
-reads the final pooled features only: `probe.layers` is refused (EvalTarget.scores_layers).
+The classifier is the logistic regression of selfsup.eval.solver (`probe.solver`: L-BFGS at the
+size of these probes), its L2 penalty chosen on a validation split carved from the train stacks.
+Baselines: `random:<backbone>` (the same encoder at its random init) and `pixels` (the stack's last
+frame, 84x84 = 7056 values, standardised). The probe reads the final pooled features only:
+`probe.layers` is refused (EvalTarget.scores_layers).
 """
 
 from __future__ import annotations
@@ -101,9 +102,8 @@ def probe_variable(train_x, train_y: np.ndarray, test_x, test_y: np.ndarray, cfg
     """One variable: logistic regression over the byte values seen in train; weighted F1 on test."""
     from sklearn.metrics import f1_score
 
-    from selfsup.eval.linear import select_hyperparameters, train_linear
+    from selfsup.eval.solver import fit_linear
 
-    p = cfg.probe
     classes = np.unique(train_y)
     result = {"train_values": int(len(classes)), "test_values": int(len(np.unique(test_y)))}
     if len(classes) < 2:
@@ -111,13 +111,11 @@ def probe_variable(train_x, train_y: np.ndarray, test_x, test_y: np.ndarray, cfg
         return {**result, "f1": float(f1_score(test_y, pred, average="weighted", zero_division=0)), "constant": True}
     lookup = {int(v): i for i, v in enumerate(classes)}
     ytr = torch.tensor([lookup[int(v)] for v in train_y])
-    chosen, _ = select_hyperparameters(train_x, ytr, len(classes), weight_decays=tuple(p.weight_decays),
-                                       val_fraction=p.val_fraction, max_iter=p.max_iter,
-                                       select_samples=p.select_samples, seed=p.seed)
-    clf = train_linear(train_x, ytr, len(classes), max_iter=p.max_iter, **chosen)
-    pred = classes[clf.logits(test_x).argmax(1).numpy()]
+    fit = fit_linear(train_x, ytr, len(classes), cfg.probe)
+    pred = classes[fit.classifier.logits(test_x).argmax(1).numpy()]
     return {**result, "f1": float(f1_score(test_y, pred, average="weighted", zero_division=0)),
-            "accuracy": float((pred == test_y).mean()), "weight_decay": chosen["weight_decay"], "constant": False}
+            "accuracy": float((pred == test_y).mean()), "weight_decay": fit.chosen["weight_decay"],
+            **({"lr": fit.chosen["lr"]} if "lr" in fit.chosen else {}), "solver": fit.solver, "constant": False}
 
 
 def evaluate_ram(features: dict, cfg: DictConfig) -> dict:

@@ -1,5 +1,6 @@
-"""The image-classification target: a linear probe (lr / weight decay chosen on a validation split
-of train) and weighted k-NN on features of labelled image shards, top-1 / top-5 on the test split."""
+"""The image-classification target: a linear probe (weight decay, and the mini-batch solver's lr,
+chosen on a validation split of train; selfsup.eval.solver) and weighted k-NN on features of
+labelled image shards, top-1 / top-5 on the test split."""
 
 from __future__ import annotations
 
@@ -23,16 +24,15 @@ class PixelFeatures(torch.nn.Module):
 
 
 def evaluate(train_x, train_y, test_x, test_y, cfg) -> dict:
-    from selfsup.eval.linear import knn_probe, linear_probe
+    from selfsup.eval.linear import knn_probe
+    from selfsup.eval.solver import probe_linear
 
     p = cfg.probe
     if p.train_samples and p.train_samples < len(train_x):
         keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(p.seed))[: p.train_samples]
         train_x, train_y = train_x[keep], train_y[keep]
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    linear = linear_probe(train_x, train_y, test_x, test_y, num_classes, max_iter=p.max_iter,
-                          val_fraction=p.val_fraction, select_samples=p.select_samples, seed=p.seed,
-                          weight_decays=tuple(p.weight_decays))
+    linear = probe_linear(train_x, train_y, test_x, test_y, num_classes, p)
     knn = knn_probe(train_x, train_y, test_x, test_y, num_classes, k=p.knn_k, temperature=p.knn_temperature)
     return {"linear": linear, "knn": knn, "train_samples": len(train_x), "test_samples": len(test_x),
             "feature_dim": int(train_x.shape[1])}
@@ -45,12 +45,21 @@ def layer_row(record: dict) -> dict:
             "knn_top1": knn["top1"], "knn_top5": knn["top5"], "weight_decay": lin["chosen"]["weight_decay"]}
 
 
+def chosen_pair(linear: dict) -> str:
+    """The chosen penalty (and the mini-batch solver's learning rate), as the table prints it."""
+    chosen = linear["chosen"]
+    text = f"wd={chosen['weight_decay']:g}"
+    if "lr" in chosen:
+        text += f" lr={chosen['lr']:g}"
+    return text + (f" ({linear['solver']})" if linear.get("solver", "lbfgs") != "lbfgs" else "")
+
+
 def format_table(result, title: str) -> str:
     lin, knn = result["linear"], result["knn"]
     lines = [
         f"probe of {title}  ({result['train_samples']} train / {result['test_samples']} test, {result['feature_dim']}-d features)",
         f"  {'':<26}{'top-1':>8}{'top-5':>8}",
-        f"  {'linear (chosen on val)':<26}{lin['top1']:>8.2f}{lin['top5']:>8.2f}   wd={lin['chosen']['weight_decay']:g}",
+        f"  {'linear (chosen on val)':<26}{lin['top1']:>8.2f}{lin['top5']:>8.2f}   {chosen_pair(lin)}",
         f"  {'k-NN (k=%d, T=%g)' % (knn['k'], knn['temperature']):<26}{knn['top1']:>8.2f}{knn['top5']:>8.2f}",
     ]
     if result.get("layers"):
@@ -101,6 +110,7 @@ class ImageClassification(EvalTarget):
     result_type = ClassificationResult
     result_file = "probe.json"
     scores_layers = True
+    splits_by_shard = True
 
     def labelled_batches(self, cfg, split: str, spec) -> dict:
         from selfsup.data.stream import eval_loader

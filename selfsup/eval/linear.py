@@ -31,8 +31,8 @@ def train_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, weight_d
     solved full-batch with L-BFGS: deterministic, and far faster on a CPU than mini-batch SGD."""
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     xs = ((x - mean) / std).float()
-    weight = torch.zeros(num_classes, x.shape[1], requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
+    weight = torch.zeros(num_classes, x.shape[1], device=x.device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=x.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
                                   tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
 

@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from selfsup.core.atomic import write_atomic, write_text_atomic
 from selfsup.core.config_checks import check_numbers
-from selfsup.core.config_files import config_root, load_config, select_data
-from selfsup.core.errors import UserError
+from selfsup.core.config_files import available, config_root, load_config, select_data
+from selfsup.core.errors import UserError, unknown_choice
 from selfsup.core.overrides import parse_overrides, parse_value, set_key
 from selfsup.core.precision import resolve_precision
 from selfsup.eval.targets import EvalTarget, ProbeResult, get_target
@@ -53,8 +53,14 @@ def extract_features(backbone, loader, device: str | torch.device = "cpu", desc:
 
 def probe_config(overrides: list[str], run_cfg: DictConfig | None) -> DictConfig:
     root = config_root()
-    cfg = OmegaConf.merge({"data": load_config(root / "defaults.yaml").data}, load_config(root / "probe.yaml"))
+    defaults = load_config(root / "defaults.yaml")
+    cfg = OmegaConf.merge({"data": defaults.data}, load_config(root / "probe.yaml"))
     pairs = parse_overrides(overrides)
+    # where the probe runs (`cluster=slurm nodes=N gpus_per_node=G`: selfsup/launch/probe_job.py)
+    cluster = dict(pairs).get("cluster", defaults.cluster.name)
+    if cluster not in available("cluster"):
+        raise unknown_choice("cluster", cluster, available("cluster"))
+    cfg = OmegaConf.merge(cfg, load_config(root / "cluster" / f"{cluster}.yaml"))
     data_choice = dict(pairs).get("data")
     run_target = run_eval_target(run_cfg, root) if run_cfg is not None and data_choice is None else None
     if data_choice is None and run_cfg is not None:
@@ -73,7 +79,7 @@ def probe_config(overrides: list[str], run_cfg: DictConfig | None) -> DictConfig
         for key in ("image_size", "mean", "std"):
             cfg.data[key] = run_cfg.data[key]
     for key, raw in pairs:
-        if key != "data":
+        if key not in ("data", "cluster"):
             set_key(cfg, key, raw)
     return cfg
 
@@ -134,10 +140,12 @@ def _file_identity(path: Path) -> str:
 
 
 def probe_features(backbone, cfg: DictConfig, eval_target: EvalTarget, cache_dir: Path | None, identity: str,
-                   layers: list[str] | None = None):
+                   layers: list[str] | None = None, share=None):
     """{split: {group: (x, labels)}} of the train and test splits as the eval target reads them, from
     the cache when this backbone, target and data were seen. With `layers` (the names that `backbone`,
-    a LayerFeatures, gives) x is {layer: features}."""
+    a LayerFeatures, gives) x is {layer: features}. With a `share` (selfsup.eval.feature_parts.RankShare)
+    of more than one rank, this rank extracts its block of the shards into a part file beside the
+    cache; rank 0 gathers the parts and returns the features, the other ranks None."""
     from selfsup.data.stream import resolve_split
 
     specs = {split: resolve_split(cfg.data, split) for split in ("train", "test")}
@@ -151,19 +159,50 @@ def probe_features(backbone, cfg: DictConfig, eval_target: EvalTarget, cache_dir
                                    *([precision] if precision != "32-true" else [])]
                                   ).encode()).hexdigest()[:16]
     cache = cache_dir / f"features-{key}.pt" if cache_dir else None
+    rank = share.rank if share else 0
     if cache and cache.exists():
-        return torch.load(cache, weights_only=True)
-    out = {}
-    for split in ("train", "test"):
-        groups = eval_target.labelled_batches(cfg, split, specs[split])
-        out[split] = {group: extract_features(backbone, batches, device,
-                                              desc=f"features {split}" + (f" {group}" if len(groups) > 1 else ""),
-                                              batches=batch_count(batches, specs[split], cfg.probe.batch_size),
-                                              autocast=AUTOCAST_DTYPES[precision])
-                      for group, batches in groups.items()}
+        return torch.load(cache, weights_only=True) if rank == 0 else None
+    extract = dict(backbone=backbone, cfg=cfg, eval_target=eval_target, device=device,
+                   autocast=AUTOCAST_DTYPES[precision])
+    if share and share.world_size > 1:
+        return _extract_share(specs, cache, share, extract)
+    out = {split: _extract_split(split, specs[split], **extract) for split in ("train", "test")}
     if cache:
         write_atomic(cache, lambda temporary: torch.save(out, temporary))
     return out
+
+
+def _extract_split(split: str, spec, *, backbone, cfg, eval_target, device, autocast) -> dict:
+    groups = eval_target.labelled_batches(cfg, split, spec)
+    return {group: extract_features(backbone, batches, device,
+                                    desc=f"features {split}" + (f" {group}" if len(groups) > 1 else ""),
+                                    batches=batch_count(batches, spec, cfg.probe.batch_size), autocast=autocast)
+            for group, batches in groups.items()}
+
+
+def _extract_share(specs: dict, cache: Path | None, share, extract: dict):
+    """This rank's block of every split's shards, written as its part; rank 0 gathers them all."""
+    from selfsup.data.stream import expand_urls
+    from selfsup.eval.feature_parts import gather_parts, part_file, rank_shards, write_failure, write_part
+
+    if cache is None:
+        raise UserError("feature extraction on several ranks gathers the features in a run folder: probe a run "
+                        "folder (or a .ckpt inside one)")
+    if not extract["eval_target"].splits_by_shard:
+        raise UserError(f"the {extract['eval_target'].name} eval target reads its data whole: extract its "
+                        "features on one rank (nodes=1 gpus_per_node=1)")
+    rank, world_size = share.rank, share.world_size
+    if not part_file(cache, rank, world_size).exists():  # a requeued job keeps the parts already written
+        try:
+            shards = {split: rank_shards(expand_urls(spec), rank, world_size) for split, spec in specs.items()}
+            write_part(cache, rank, world_size, {split: _extract_split(split, mine, **extract) if mine else None
+                                                 for split, mine in shards.items()})
+        except Exception as error:
+            write_failure(cache, share, error)
+            raise
+    if rank != 0:
+        return None
+    return gather_parts(cache, world_size, attempt=share.attempt, timeout_s=share.wait_s)
 
 
 def probe_device() -> str:
@@ -191,16 +230,35 @@ def backbone_kwargs(overrides: list[str]) -> dict:
 def check_probe(cfg: DictConfig, backbone) -> None:
     """Numbers of the probe config, and the backbone against the image size, before features."""
     from selfsup.backbones.base import Backbone
+    from selfsup.eval.solver import check_solver
 
     check_numbers(cfg)
     if str(cfg.probe.precision) not in ("auto", *AUTOCAST_DTYPES):
         raise UserError(f"probe.precision={cfg.probe.precision!r}: use auto (bf16 where the hardware computes it "
                         f"natively, else fp32) or one of {', '.join(AUTOCAST_DTYPES)}")
+    check_solver(cfg.probe)
     if isinstance(backbone, Backbone):
         backbone.check_image_size(int(cfg.data.image_size))
 
 
-def run_probe(target: str, overrides: list[str]) -> ProbeResult:
+@dataclass
+class ProbePlan:
+    """A probe, checked and ready to extract: its backbone, config, eval target and layers."""
+
+    target: str
+    loaded: ProbedBackbone
+    cfg: DictConfig
+    eval_target: EvalTarget
+    positions: list[int] | None  # probe.layers' positions (None: the final features only)
+
+    @property
+    def cache_dir(self) -> Path | None:
+        return self.loaded.run_dir / "probe" if self.loaded.run_dir else None
+
+
+def plan_probe(target: str, overrides: list[str]) -> ProbePlan:
+    """Load the target, compose and check the probe config: every refusal comes from here, before
+    any feature is extracted."""
     kwargs = backbone_kwargs(overrides)
     if kwargs and not target.startswith("random:"):
         raise UserError("backbone.kwargs.* only applies to random:<backbone> (a trained target carries its own)")
@@ -212,12 +270,26 @@ def run_probe(target: str, overrides: list[str]) -> ProbeResult:
     positions = check_layers(cfg, loaded.backbone if loaded else None, eval_target)
     if loaded is None:  # the raw-pixel baseline: the eval target knows what its inputs' pixels are
         loaded = ProbedBackbone(eval_target.pixels(), f"{PIXELS}:{eval_target.name}")
-    cache_dir = loaded.run_dir / "probe" if loaded.run_dir else None
+    return ProbePlan(target, loaded, cfg, eval_target, positions)
+
+
+def run_probe(target: str, overrides: list[str], share=None) -> ProbeResult | None:
+    """Probe `target`. With a `share` of several ranks (selfsup.eval.feature_parts.RankShare: the tasks
+    of a Slurm job) every rank extracts its block of the shards; rank 0 gathers the features, fits
+    and returns the result, the other ranks None."""
+    plan = plan_probe(target, overrides)
+    loaded, cfg, eval_target, positions, cache_dir = plan.loaded, plan.cfg, plan.eval_target, plan.positions, plan.cache_dir
     if positions is None:
-        features = probe_features(loaded.backbone, cfg, eval_target, cache_dir, loaded.identity)
+        features = probe_features(loaded.backbone, cfg, eval_target, cache_dir, loaded.identity, share=share)
+        if features is None:  # a rank > 0: its part is written, rank 0 fits
+            return None
         record = eval_target.evaluate(features, cfg)
     else:
-        record = evaluate_layers(loaded.backbone, positions, cfg, eval_target, cache_dir, loaded.identity)
+        record = evaluate_layers(loaded.backbone, positions, cfg, eval_target, cache_dir, loaded.identity, share)
+        if record is None:
+            return None
+    if share and share.world_size > 1:
+        record["extraction_ranks"] = share.world_size
     record.update({"eval_target": eval_target.name, "target": target, "global_step": loaded.step,
                    "precision": resolve_precision(cfg.probe.precision, probe_device()),
                    "data": OmegaConf.to_container(cfg.data), "probe": OmegaConf.to_container(cfg.probe)})
@@ -247,14 +319,16 @@ def check_layers(cfg: DictConfig, backbone, eval_target: EvalTarget) -> list[int
 
 
 def evaluate_layers(backbone, positions: list[int], cfg: DictConfig, eval_target: EvalTarget, cache_dir: Path | None,
-                    identity: str) -> dict:
+                    identity: str, share=None) -> dict | None:
     """The eval target's record of the final pooled features, with `layers`: one row per chosen layer.
     All layers come from one pass over the data; the last layer's features are the final ones, so its
     row is the record's own scores (evaluated once)."""
     from selfsup.eval.layers import LayerFeatures, layer_features
 
     extractor = LayerFeatures(backbone, positions)
-    features = probe_features(extractor, cfg, eval_target, cache_dir, identity, extractor.names)
+    features = probe_features(extractor, cfg, eval_target, cache_dir, identity, extractor.names, share)
+    if features is None:  # a rank > 0 (probe_features)
+        return None
     record = eval_target.evaluate(layer_features(features, extractor.final), cfg)
     names, modules = backbone.layer_names(), backbone.layer_modules()
     rows = []

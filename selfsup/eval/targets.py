@@ -81,6 +81,9 @@ class EvalTarget(ABC):
     # whether `probe.layers` may choose layers to score one by one (`layer_row`); False: the final
     # pooled features only, and probe.layers is refused
     scores_layers: ClassVar[bool] = False
+    # whether a split's features may be extracted shard block by shard block on several ranks and
+    # concatenated (selfsup.eval.feature_parts): the batches are the shards' samples, in order
+    splits_by_shard: ClassVar[bool] = False
 
     @abstractmethod
     def labelled_batches(self, cfg, split: str, spec) -> Mapping[str, Iterable[dict]]:

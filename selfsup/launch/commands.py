@@ -211,9 +211,9 @@ def finetune(args) -> int:
 
 
 def probe(args) -> int:
-    from selfsup.eval.probe import run_probe_command
+    from selfsup.launch.probe_job import probe_command
 
-    return run_probe_command(args.target, args.overrides)
+    return probe_command(args.target, args.overrides)
 
 
 def continual(args) -> int:

@@ -24,14 +24,15 @@ def slurm_folder(run_dir: Path) -> Path:
     return Path(run_dir).absolute() / SLURM_SUBDIR
 
 
-def record_job(run_dir: str | Path, record: dict) -> None:
-    jobs = read_jobs(run_dir)
+def record_job(run_dir: str | Path, record: dict, folder: Path | None = None) -> None:
+    """Append `record` to the jobs.json of the run's submitit folder (or of `folder`)."""
+    jobs = read_jobs(run_dir, folder)
     jobs.append(record)
-    write_text_atomic(slurm_folder(Path(run_dir)) / JOBS_FILE, json.dumps(jobs, indent=1) + "\n")
+    write_text_atomic((folder or slurm_folder(Path(run_dir))) / JOBS_FILE, json.dumps(jobs, indent=1) + "\n")
 
 
-def read_jobs(run_dir: str | Path) -> list[dict]:
-    path = slurm_folder(Path(run_dir)) / JOBS_FILE
+def read_jobs(run_dir: str | Path, folder: Path | None = None) -> list[dict]:
+    path = (folder or slurm_folder(Path(run_dir))) / JOBS_FILE
     return json.loads(path.read_text()) if path.exists() else []
 
 

@@ -43,9 +43,10 @@ def slurm_parameters(cfg: DictConfig) -> dict[str, Any]:
     return params
 
 
-def slurm_executor(run_dir: Path, cfg: DictConfig, dry: bool = False):
+def slurm_executor(run_dir: Path, cfg: DictConfig, dry: bool = False, folder: Path | None = None):
     """The executor that submits this run; `dry`: one that also builds where no `srun` is installed
-    (submitit refuses to create a SlurmExecutor there), to print the script without submitting."""
+    (submitit refuses to create a SlurmExecutor there), to print the script without submitting.
+    `folder`: submitit's folder, when not the run's own `<run>/slurm/` (a probe job's is `<run>/probe/slurm/`)."""
     import submitit
 
     cls = submitit.SlurmExecutor
@@ -56,7 +57,7 @@ def slurm_executor(run_dir: Path, cfg: DictConfig, dry: bool = False):
                 return 1
 
         cls = _DryRunSlurmExecutor
-    executor = cls(folder=slurm_folder(run_dir), max_num_timeout=int(cfg.cluster.max_requeues))
+    executor = cls(folder=folder or slurm_folder(run_dir), max_num_timeout=int(cfg.cluster.max_requeues))
     executor.update_parameters(**slurm_parameters(cfg))
     return executor
 
