@@ -58,7 +58,7 @@ def finetuned(tmp_path_factory):
     proc = run_submit("finetune", "random:resnet_tiny", "data=digits", "finetune.label_fraction=0.1",
                       "finetune.val_samples=100", "finetune.val_every_n_steps=3", "trainer.max_steps=8",
                       "data.batch_size=32", "optim.warmup_steps=2", "trainer.enable_progress_bar=false",
-                      f"run_dir={runs}", "run_name=ft", check=True)
+                      f"run_dir={runs}", "run_name=ft", check=True, in_process=True)
     return runs / "ft", proc
 
 
@@ -101,7 +101,7 @@ def test_finetuning_a_run_starts_from_its_weights_and_files_the_result_there(tmp
     source, _ = finetuned  # a fine-tuned network is a run folder with checkpoints like any other
     run_submit("finetune", str(source), "finetune.label_fraction=0.1", "finetune.val_samples=100",
                "trainer.max_steps=1", "optim.lr=1e-12", "optim.warmup_steps=0", "data.batch_size=32",
-               "trainer.enable_progress_bar=false", f"run_dir={tmp_path}", "run_name=again", check=True)
+               "trainer.enable_progress_bar=false", f"run_dir={tmp_path}", "run_name=again", check=True, in_process=True)
     filed = json.loads((source / "finetune" / "again.json").read_text())
     assert filed["source"] == str(source) and filed["run"] == str(tmp_path / "again")
     # at an LR of 1e-12 a step moves a weight by about 1e-12: every weight is still the source's last one
@@ -111,7 +111,8 @@ def test_finetuning_a_run_starts_from_its_weights_and_files_the_result_there(tmp
         assert torch.allclose(after[key], start[f"backbone.net.{key}"], atol=1e-8), key
     # resumed with a longer budget, the run continues from its checkpoint and its drawn labels
     labels = (tmp_path / "again" / "labels.json").read_text()
-    proc = run_submit("finetune", str(source), f"resume={tmp_path / 'again'}", "trainer.max_steps=3", check=True)
+    proc = run_submit("finetune", str(source), f"resume={tmp_path / 'again'}", "trainer.max_steps=3", check=True,
+                      in_process=True)
     assert "resuming from" in proc.stdout and "(1 steps in this run)" not in proc.stdout
     assert json.loads((tmp_path / "again" / "finetune.json").read_text())["steps"] == 3
     assert (tmp_path / "again" / "labels.json").read_text() == labels
