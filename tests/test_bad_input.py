@@ -172,7 +172,7 @@ def test_continual_refusals(submit):
 
 
 # ---- a run that fails before its first step leaves no folder; a resumed one is never removed ------
-def _failing_run(cfg, run_dir, extra_callbacks=()):
+def _failing_run(cfg, run_dir, **_):
     (run_dir / "tb").mkdir()  # what Lightning has made by then
     from selfsup.core.errors import UserError
 
@@ -180,7 +180,7 @@ def _failing_run(cfg, run_dir, extra_callbacks=()):
 
 
 def test_a_new_run_that_fails_before_its_first_step_leaves_no_folder(submit, monkeypatch, tmp_path):
-    monkeypatch.setattr("selfsup.launch.train.run_pretrain", _failing_run)
+    monkeypatch.setattr("selfsup.launch.train.run_training", _failing_run)
     monkeypatch.delenv("_SELFSUP_LAUNCHED_RUN_DIR", raising=False)
     assert submit("pretrain", *TINY, "run_name=r").endswith("the data broke before the first step")
 
@@ -192,7 +192,7 @@ def test_a_resumed_run_or_one_with_a_checkpoint_is_kept(monkeypatch, tmp_path, c
     assert main(["pretrain", *TINY, f"run_dir={tmp_path}", "run_name=r", "--dry-run"]) == 0
     run.mkdir()
     (run / "config.yaml").write_text("\n".join(capsys.readouterr().out.splitlines()[1:]) + "\n")
-    monkeypatch.setattr("selfsup.launch.train.run_pretrain", _failing_run)
+    monkeypatch.setattr("selfsup.launch.train.run_training", _failing_run)
     monkeypatch.delenv("_SELFSUP_LAUNCHED_RUN_DIR", raising=False)
     assert main(["pretrain", "rotnet", "resnet_tiny", f"resume={run}"]) == 2
     assert (run / "config.yaml").exists()
