@@ -139,9 +139,9 @@ def measure_size(n: int, args, emit) -> None:
         one_by_one = single * sweep_steps * pairs + single * refit_steps
         timed = f"{args.repeats} x {args.steps} steps timed"
         emit(row([label, args.device, f"all {pairs} pairs at once", timed,
-                  f"{batched:.2f} s ({batched_cpu:.2f} CPU)", f"{hours(all_at_once)} (extrapolated)", "-"]))
+                  f"{batched:.3g} s ({batched_cpu:.3g} CPU)", f"{hours(all_at_once)} (extrapolated)", "-"]))
         emit(row([label, args.device, "one pair at a time", timed,
-                  f"{single:.2f} s ({single_cpu:.2f} CPU)", f"{hours(one_by_one)} (extrapolated)",
+                  f"{single:.3g} s ({single_cpu:.3g} CPU)", f"{hours(one_by_one)} (extrapolated)",
                   f"{one_by_one / all_at_once:.1f}x the batched time"]))
     else:
         test_samples = n // 4 if args.tiny else 50 * args.classes  # ImageNet's validation set: 50 a class
@@ -169,7 +169,7 @@ def measure_size(n: int, args, emit) -> None:
                                                     args.lbfgs_iters, args.device)
         probe = args.max_iter * (per_iter + len(args.weight_decays) * sweep_iter)
         emit(row([label, args.device, f"L-BFGS ({len(args.weight_decays)} penalties on {select:,}, refit on all)",
-                  f"{args.lbfgs_iters} iterations timed", f"{per_iter:.2f} s ({per_iter_cpu:.2f} CPU)",
+                  f"{args.lbfgs_iters} iterations timed", f"{per_iter:.3g} s ({per_iter_cpu:.3g} CPU)",
                   f"up to {hours(probe)} (extrapolated to {args.max_iter} iterations a fit)", "-"]))
     del x, y
 
