@@ -34,7 +34,6 @@ def _launched_rank_run_dir() -> Path | None:
 
 
 def pretrain(args) -> int:
-    from selfsup.core.run_folder import write_run_config
     from selfsup.launch.cluster import prepare_cluster
 
     launched = _launched_rank_run_dir()
@@ -60,7 +59,15 @@ def pretrain(args) -> int:
     if uses_demo_data(parse_overrides(args.overrides)) and not cfg.resume:
         print(f"selfsup: no data given: pretraining on the built-in demo data {cfg.data.name!r} "
               f"(pass data=<shards> for your own)")
-    if not on_slurm:  # a Slurm job resolves it on its node (run_pretrain)
+    return _start_run(cfg, run_dir, on_slurm, f"run folder {run_dir}")
+
+
+def _start_run(cfg, run_dir: Path, on_slurm: bool, banner: str) -> int:
+    """Write the run's config.yaml, then train here or submit the job to Slurm (which resolves
+    `trainer.precision=auto` on its node, in run_training)."""
+    from selfsup.core.run_folder import write_run_config
+
+    if not on_slurm:
         from selfsup.launch.precision import resolve_run_precision
 
         resolve_run_precision(cfg)
@@ -68,7 +75,7 @@ def pretrain(args) -> int:
     write_run_config(run_dir, cfg)
     if on_slurm:
         return _submit_to_slurm(cfg, run_dir)
-    print(f"selfsup: run folder {run_dir}  (tensorboard --logdir {run_dir / 'tb'})", flush=True)
+    print(f"selfsup: {banner}  (tensorboard --logdir {run_dir / 'tb'})", flush=True)
     return _pretrain_here(cfg, run_dir, new_folder)
 
 
@@ -164,7 +171,7 @@ def _submit_to_slurm(cfg, run_dir: Path) -> int:
 
 
 def finetune(args) -> int:
-    from selfsup.core.run_folder import is_run_folder, load_run_config, new_run_dir, write_run_config
+    from selfsup.core.run_folder import is_run_folder, load_run_config, new_run_dir
     from selfsup.launch import finetune as ft
     from selfsup.launch.cluster import prepare_cluster
     from selfsup.launch.strategies import check_strategy
@@ -198,16 +205,7 @@ def finetune(args) -> int:
     if args.dry_run:
         _print_dry_run(cfg, run_dir, on_slurm)
         return 0
-    if not on_slurm:
-        from selfsup.launch.precision import resolve_run_precision
-
-        resolve_run_precision(cfg)
-    new_folder = not run_dir.exists()
-    write_run_config(run_dir, cfg)
-    if on_slurm:
-        return _submit_to_slurm(cfg, run_dir)
-    print(f"selfsup: fine-tuning {cfg.finetune.source} in {run_dir}  (tensorboard --logdir {run_dir / 'tb'})", flush=True)
-    return _pretrain_here(cfg, run_dir, new_folder)
+    return _start_run(cfg, run_dir, on_slurm, f"fine-tuning {cfg.finetune.source} in {run_dir}")
 
 
 def probe(args) -> int:
