@@ -76,15 +76,14 @@ def _submit_here(args: tuple[str, ...], cwd) -> subprocess.CompletedProcess:
     import contextlib
     import io
 
-    import torch
-
     from selfsup.launch.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     before = os.getcwd()
     environ = dict(os.environ)  # a run sets its run folder for local ranks, Lightning its seed
     handlers = {signum: signal.getsignal(signum) for signum in HANDLED_SIGNALS}
-    threads = torch.get_num_threads()
+    torch = sys.modules.get("torch")  # (not imported yet: no thread count of this process to keep)
+    threads = torch.get_num_threads() if torch else None
     try:
         os.chdir(cwd or before)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -97,8 +96,10 @@ def _submit_here(args: tuple[str, ...], cwd) -> subprocess.CompletedProcess:
         os.environ.clear()
         os.environ.update(environ)
         for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        torch.set_num_threads(threads)
+            if handler is not None:  # (None: a handler set outside Python, left alone)
+                signal.signal(signum, handler)
+        if threads is not None:
+            torch.set_num_threads(threads)
     return subprocess.CompletedProcess(["submit", *args], code, out.getvalue(), err.getvalue())
 
 
