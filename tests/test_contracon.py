@@ -215,7 +215,7 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path):
         (["continual", "contracon", "cct_6", "data=split_fashion"], "split_fashion_mnist"),
         (["continual", "contracon", "cct_6", "eval.task_id=[entropy,mahalonobis]"], "'mahalanobis'"),
     ]:
-        proc = run_submit(*args, f"run_dir={tmp_path}", cwd=tmp_path, in_process=True)
+        proc = run_submit(*args, f"run_dir={tmp_path}", cwd=tmp_path)
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr, proc.stderr
     proc = run_submit("continual", "contracon", "vit_t", "data=split_digits", "tasks=2", "--dry-run", cwd=tmp_path, check=True)

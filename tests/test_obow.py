@@ -366,6 +366,6 @@ def test_resnet50_recipe_trains_one_step_at_small_resolution(tmp_path):
 
 def test_queue_size_must_divide_by_the_global_batch(tmp_path):
     proc = run_submit("pretrain", "obow", "resnet_tiny", *TINY, "method.num_words=60", "trainer.max_steps=1",
-                      f"run_dir={tmp_path}", "run_name=r", in_process=True)
+                      f"run_dir={tmp_path}", "run_name=r")
     assert proc.returncode == 2 and "multiple of the global batch" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
