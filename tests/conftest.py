@@ -29,8 +29,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    # the learning tests are the suite's longest: started first, they do not finish alone at the end
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    # the longest tests start first, so that no worker finishes alone on one at the end: the learning
+    # tests (slow), then the ones marked long (the xdist_group of the Slurm tests is a unit that
+    # pytest-xdist hands out first anyway)
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, item.get_closest_marker("long") is None))
 
 
 @pytest.fixture(scope="session", autouse=True)

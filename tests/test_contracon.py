@@ -263,6 +263,7 @@ def _checkpoint(run):
 
 # two job processes: 40-90 s, measured on 2026-12-03 on a 2-core Xeon shared with other work
 @pytest.mark.timeout(1800)
+@pytest.mark.long
 def test_sigkill_during_task_3_then_rerun_continues_at_task_3(tmp_path):
     run = tmp_path / "split-digits"
     cmd = [sys.executable, "-m", "selfsup.launch.cli", *RUN_ARGS, f"run_dir={tmp_path}"]

@@ -341,6 +341,7 @@ def test_refusals_are_one_line():
     assert proc.returncode == 2 and "needs a convnet" in proc.stderr
 
 
+@pytest.mark.long
 def test_resnet50_recipe_trains_one_step_at_small_resolution(tmp_path):
     # the official recipe (2 levels, 1-pixel border, κ 8, δ⁻¹ 15, SGD, wd on everything) at 96 px with
     # scaled views (the teacher's block3 / block4 maps are 6x6 / 3x3, 4x4 / 1x1 without their border) and

@@ -63,6 +63,7 @@ def test_default_fit_reaches_the_optimum_on_correlated_features():
     assert default - longer < 1e-4
     assert early - longer > 1e-2
 
+@pytest.mark.long
 def test_submit_probe_random_and_run_folder(tmp_path):
     # the command's plumbing, not the probe's optimum (test_default_fit_reaches_the_optimum_on_correlated_features):
     # 100 L-BFGS iterations per fit

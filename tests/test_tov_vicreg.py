@@ -202,6 +202,7 @@ def test_head_sees_current_previous_next_in_the_sampled_order():
 
 
 @pytest.mark.timeout(3000)
+@pytest.mark.long
 def test_end_to_end_pretrain_and_ram_probe(tmp_path):
     data = tmp_path / "atari"
     run_submit("shards", "atari", data, "--games", "Pong,Breakout", "--frames", "400", "--test-frames", "200",
