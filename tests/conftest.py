@@ -29,10 +29,14 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    # the longest tests start first, so that no worker finishes alone on one at the end: the learning
-    # tests (slow), then the ones marked long (the xdist_group of the Slurm tests is a unit that
-    # pytest-xdist hands out first anyway)
-    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, item.get_closest_marker("long") is None))
+    # The long tests start first, so that no worker ends the run alone on one. pytest-xdist
+    # (--dist loadgroup) hands out the Slurm tests' xdist_group first, as its largest unit, then single
+    # tests in this order, two to a worker at the start, and a worker runs what it was handed in turn.
+    # So: the tests marked long, SparK's learning test (the longest) among them, then RotNet's
+    # learning test (slow, not long), then the rest. RotNet's would otherwise be handed to the same
+    # worker as SparK's at the start, and the two would run one after the other; this way it goes to
+    # the other worker, after the Fashion-MNIST shards that both train on have been written once.
+    items.sort(key=lambda item: (item.get_closest_marker("long") is None, item.get_closest_marker("slow") is None))
 
 
 @pytest.fixture(scope="session", autouse=True)
