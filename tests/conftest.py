@@ -29,8 +29,14 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    # the learning tests are the suite's longest: started first, they do not finish alone at the end
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    # The long tests start first, so that no worker ends the run alone on one. pytest-xdist
+    # (--dist loadgroup) hands out the Slurm tests' xdist_group first, as its largest unit, then single
+    # tests in this order, two to a worker at the start, and a worker runs what it was handed in turn.
+    # So: the tests marked long, SparK's learning test (the longest) among them, then RotNet's
+    # learning test (slow, not long), then the rest. RotNet's would otherwise be handed to the same
+    # worker as SparK's at the start, and the two would run one after the other; this way it goes to
+    # the other worker, after the Fashion-MNIST shards that both train on have been written once.
+    items.sort(key=lambda item: (item.get_closest_marker("long") is None, item.get_closest_marker("slow") is None))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -76,15 +82,14 @@ def _submit_here(args: tuple[str, ...], cwd) -> subprocess.CompletedProcess:
     import contextlib
     import io
 
-    import torch
-
     from selfsup.launch.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     before = os.getcwd()
     environ = dict(os.environ)  # a run sets its run folder for local ranks, Lightning its seed
     handlers = {signum: signal.getsignal(signum) for signum in HANDLED_SIGNALS}
-    threads = torch.get_num_threads()
+    torch = sys.modules.get("torch")  # (not imported yet: no thread count of this process to keep)
+    threads = torch.get_num_threads() if torch else None
     try:
         os.chdir(cwd or before)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -97,8 +102,10 @@ def _submit_here(args: tuple[str, ...], cwd) -> subprocess.CompletedProcess:
         os.environ.clear()
         os.environ.update(environ)
         for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        torch.set_num_threads(threads)
+            if handler is not None:  # (None: a handler set outside Python, left alone)
+                signal.signal(signum, handler)
+        if threads is not None:
+            torch.set_num_threads(threads)
     return subprocess.CompletedProcess(["submit", *args], code, out.getvalue(), err.getvalue())
 
 

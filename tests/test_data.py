@@ -302,6 +302,7 @@ def test_gpu_augment_runs_in_the_workers_without_a_gpu(tmp_path):
     assert not dm.train_view_in_use().gpu_augment
 
 
+@pytest.mark.long
 def test_a_run_is_reproducible_from_its_seed(tmp_path):
     # one loader worker and a shuffle buffer: the buffer's order, the augmentations and the method's own
     # randomness (rotations) all follow `seed`, so a rerun pretrains to the same weights and another

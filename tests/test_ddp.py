@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import ROOT, run_submit
@@ -61,6 +62,7 @@ SAMPLES_PER_SHARD = 180
 BATCHES_PER_EPOCH = 10  # per rank: data.epoch_samples=320 over 2 ranks x 16
 
 
+@pytest.mark.long
 def test_two_process_ddp_on_cpu(tmp_path):
     run_submit("shards", "digits", tmp_path / "shards", "--samples-per-shard", SAMPLES_PER_SHARD, check=True)
     shards = sorted((tmp_path / "shards" / "train").glob("*.tar"))

@@ -122,7 +122,7 @@ def test_strategy_wiring_builds_lightning_deepspeed_strategy():
 
 
 def test_deepspeed_on_cpu_is_a_one_line_error_before_anything_runs(tmp_path):
-    proc = run_submit("pretrain", *TINY, "strategy=deepspeed_stage_2", f"run_dir={tmp_path}", in_process=True)
+    proc = run_submit("pretrain", *TINY, "strategy=deepspeed_stage_2", f"run_dir={tmp_path}")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "needs CUDA" in proc.stderr and "strategy=ddp" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing was written

@@ -202,6 +202,7 @@ def test_metadata_round_trips(tmp_path):
     assert_same_outputs(model, backbone, input_batch(backbone))
 
 
+@pytest.mark.long
 def test_a_fresh_interpreter_loads_exports_of_selfsup_networks(tmp_path):
     """A user's fresh interpreter has imported neither selfsup.backbones.small nor .cct:
     create_timm_model_from_export registers both itself, and an hf folder's model card says what to

@@ -113,6 +113,7 @@ SPARK_MARGIN_OVER_RANDOM = 3.0
 
 
 @pytest.mark.slow
+@pytest.mark.long  # the longest test: started first (tests/conftest.py), RotNet's after the long ones
 @pytest.mark.timeout(2400)
 def test_spark_beats_random_init_and_pixels(tmp_path, baseline_probe):
     """SPARK_STEPS steps of the resnet18_s1 CPU recipe (cosine over 300). A probe fitted on 5,000 images

@@ -341,6 +341,7 @@ def test_refusals_are_one_line():
     assert proc.returncode == 2 and "needs a convnet" in proc.stderr
 
 
+@pytest.mark.long
 def test_resnet50_recipe_trains_one_step_at_small_resolution(tmp_path):
     # the official recipe (2 levels, 1-pixel border, κ 8, δ⁻¹ 15, SGD, wd on everything) at 96 px with
     # scaled views (the teacher's block3 / block4 maps are 6x6 / 3x3, 4x4 / 1x1 without their border) and
@@ -366,6 +367,6 @@ def test_resnet50_recipe_trains_one_step_at_small_resolution(tmp_path):
 
 def test_queue_size_must_divide_by_the_global_batch(tmp_path):
     proc = run_submit("pretrain", "obow", "resnet_tiny", *TINY, "method.num_words=60", "trainer.max_steps=1",
-                      f"run_dir={tmp_path}", "run_name=r", in_process=True)
+                      f"run_dir={tmp_path}", "run_name=r")
     assert proc.returncode == 2 and "multiple of the global batch" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf
@@ -18,6 +19,7 @@ from selfsup.core.config_hash import config_hash
 TINY = ["rotnet", "resnet_tiny", "data=digits", "data.batch_size=16", "data.num_workers=0"]
 
 
+@pytest.mark.long
 def test_run_folder_config_checkpoint_and_tensorboard(tmp_path):
     proc = run_submit("pretrain", *TINY, "trainer.max_steps=12", "checkpoint_every_n_steps=5",
                       "images_every_n_steps=5", f"run_dir={tmp_path}", "run_name=r", check=True, in_process=True)
@@ -82,6 +84,7 @@ def _wait_for_checkpoint(path: Path, proc, timeout=180):
     raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.long
 def test_sigkill_mid_epoch_then_resume(tmp_path):
     run = tmp_path / "k"
     args = [*TINY, "trainer.max_steps=400", "trainer.max_epochs=-1", "checkpoint_every_n_steps=5", f"run_dir={tmp_path}", "run_name=k"]
@@ -102,6 +105,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     assert min(s for s in steps if s > killed_at) <= killed_at + 10  # continued, not restarted from 0
 
 
+@pytest.mark.long
 def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path):
     run = tmp_path / "c"
     args = [*TINY, "trainer.max_steps=100000", "trainer.max_epochs=-1", "checkpoint_every_n_steps=100000",
@@ -129,8 +133,6 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
 
 
 def test_pretrain_and_continual_resume_a_named_run_from_its_saved_config(tmp_path):
-    import pytest
-
     from selfsup.continual.config import compose as compose_continual
     from selfsup.core.errors import UserError
     from selfsup.core.run_folder import write_run_config
@@ -180,6 +182,7 @@ def _stream_keys(cfg, epochs: int) -> list[list[str]]:
     return [list(batch["key"]) for _ in range(epochs) for batch in loader]
 
 
+@pytest.mark.long
 def test_sigterm_checkpoints_the_step_and_the_resumed_epoch_sees_each_sample_once(tmp_path, monkeypatch):
     """SIGTERM to a running `submit pretrain` (2 loader workers, no periodic checkpoint): a checkpoint
     at the step it came in or the next one, and status 143. `submit pretrain resume=` then ends at
@@ -218,6 +221,7 @@ def test_sigterm_checkpoints_the_step_and_the_resumed_epoch_sees_each_sample_onc
         assert sorted(seen) == sorted(keys), epoch
 
 
+@pytest.mark.long
 def test_sigterm_under_ddp_checkpoints_both_ranks_at_one_step(tmp_path, monkeypatch):
     """Two CPU ranks (gloo) through `submit pretrain`: SIGTERM to rank 0 alone (as `kill` sends it);
     the ranks agree on one step, save it together with both ranks' places in the data stream, and

@@ -202,6 +202,7 @@ def test_head_sees_current_previous_next_in_the_sampled_order():
 
 
 @pytest.mark.timeout(3000)
+@pytest.mark.long
 def test_end_to_end_pretrain_and_ram_probe(tmp_path):
     data = tmp_path / "atari"
     run_submit("shards", "atari", data, "--games", "Pong,Breakout", "--frames", "400", "--test-frames", "200",
@@ -228,7 +229,7 @@ def test_end_to_end_pretrain_and_ram_probe(tmp_path):
     assert all(0.0 <= r["f1"] <= 1.0 for r in result["variables"])
     assert "probe/ram_f1_mean" in read_scalars(run / "tb")
     # the baselines: the same encoder at random init, and raw pixels. Each prints its table; no score is
-    # compared here, so their regressions stop after 10 L-BFGS iterations (the 7056 pixel values cost
+    # compared here, so their regressions end after 10 L-BFGS iterations (the 7056 pixel values cost
     # seconds per iteration over the 13 variables)
     for target, extra in ((f"random:vit_tiny_test", ["backbone.kwargs.img_size=84", "backbone.kwargs.patch_size=12"]),
                           ("pixels", [])):

@@ -21,6 +21,29 @@ ALIASES = {
 }
 
 
+# how `submit continual` tells which task a test image belongs to (class-incremental evaluation)
+TASK_ID_RULES = ("entropy", "mahalanobis")
+
+
+def task_id_rules(cfg: DictConfig) -> list[str]:
+    if not cfg.eval.cil:
+        return []
+    rules = list(cfg.eval.task_id)
+    for rule in rules:
+        if rule not in TASK_ID_RULES:
+            raise unknown_choice("eval.task_id rule", rule, TASK_ID_RULES)
+    return rules
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The checks that read the config alone (numbers, the task-identification rules): the CLI makes
+    them before it imports torch, so such a config is refused in a fraction of a second."""
+    from selfsup.core.config_checks import check_numbers
+
+    check_numbers(cfg)
+    task_id_rules(cfg)
+
+
 def continual_data_names() -> list[str]:
     return sorted(p.stem for p in (config_root() / "continual" / "data").glob("*.yaml"))
 

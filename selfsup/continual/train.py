@@ -21,12 +21,13 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from selfsup.backbones import create_backbone
 from selfsup.continual import metrics as M
+from selfsup.continual.config import check_settings, task_id_rules
 from selfsup.continual.data import ArrayDataset, TaskArrays, TaskStream, normalise, train_transform
 from selfsup.continual.model import ContinualTransformer
 from selfsup.continual.taskid import class_gaussian, classify_all_tasks, mahalanobis_distance, make_views
 from selfsup.core.atomic import write_atomic, write_text_atomic
 from selfsup.core.config_hash import config_hash
-from selfsup.core.errors import UserError, unknown_choice
+from selfsup.core.errors import UserError
 from selfsup.ssl.callbacks import RunProgressBar
 
 CHECKPOINT = "continual.pt"
@@ -197,19 +198,6 @@ def train_task(model: ContinualTransformer, task: int, train: TaskArrays, val: T
 
 
 # ---- task statistics and evaluation ----------------------------------------------------------
-TASK_ID_RULES = ("entropy", "mahalanobis")
-
-
-def task_id_rules(cfg: DictConfig) -> list[str]:
-    if not cfg.eval.cil:
-        return []
-    rules = list(cfg.eval.task_id)
-    for rule in rules:
-        if rule not in TASK_ID_RULES:
-            raise unknown_choice("eval.task_id rule", rule, TASK_ID_RULES)
-    return rules
-
-
 @torch.no_grad()
 def pooled_features(model: ContinualTransformer, images: torch.Tensor, task: int, cfg: DictConfig) -> torch.Tensor:
     norm = normalise(cfg.data.mean, cfg.data.std)
@@ -328,10 +316,8 @@ def check_continual(cfg: DictConfig) -> None:
     identification rules, the augmentations, the backbone against the image size, and the task
     split of the data's classes."""
     from selfsup.backbones.meta import meta_backbone
-    from selfsup.core.config_checks import check_numbers
 
-    check_numbers(cfg)
-    task_id_rules(cfg)
+    check_settings(cfg)
     train_transform(cfg.continual.augment, cfg.data.image_size, cfg.data.mean, cfg.data.std)
     _, meta = init_export(cfg)
     meta_backbone(cfg, backbone_kwargs(cfg, meta)).check_image_size(int(cfg.data.image_size))

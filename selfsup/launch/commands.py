@@ -215,12 +215,13 @@ def probe(args) -> int:
 
 
 def continual(args) -> int:
-    from selfsup.continual.config import compose
+    from selfsup.continual.config import check_settings, compose
     from selfsup.core.config_hash import to_yaml
     from selfsup.core.run_folder import write_run_config
     from selfsup.launch.run_config import resolve_run
 
     cfg, run_dir, resumed = resolve_run(args.method, args.backbone, args.overrides, compose)
+    check_settings(cfg)  # the config alone, before torch is imported
     from selfsup.continual.train import check_continual
 
     check_continual(cfg)  # a config that cannot run: one line, before the run folder
