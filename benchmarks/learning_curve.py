@@ -7,7 +7,8 @@ pixels. Prints a markdown table.
 
 `--pretrain` overrides go to `submit pretrain`; they must bound the run in steps (steps=N, or a method
 recipe that sets trainer.max_steps): the minutes only cut it short, the steps size its LR schedule.
-Probes use the full Fashion-MNIST splits unless `--probe key=value ...` says otherwise.
+Probes use the full Fashion-MNIST splits unless `--probe key=value ...` says otherwise; with
+`--probe data=atari_ram ...` the score is the RAM probe's mean F1 in % (and there is no k-NN).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def probe(target: str, probe_args: list[str]) -> dict:
     from selfsup.eval.probe import run_probe
 
     result = run_probe(target, probe_args)
+    if "variables" in result:  # data=atari_ram: the mean F1 over RAM variables (in %), no k-NN
+        return {"linear": 100 * result["mean_f1"], "knn": float("nan"), "step": result.get("global_step", 0)}
     return {"linear": result["linear"]["top1"], "knn": result["knn"]["top1"], "step": result.get("global_step", 0)}
 
 

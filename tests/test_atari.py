@@ -12,7 +12,7 @@ from conftest import run_submit
 from selfsup.data import atari
 from selfsup.data.atari import RAM_VARIABLES, decode_chunk, write_atari_shards
 from selfsup.data.stream import ShardDataModule, count_samples
-from selfsup.data.temporal import TemporalView, tov_transforms
+from selfsup.data.temporal import TemporalView, tov_transforms, triplet
 from selfsup.eval.atari_ram import load_split
 
 MAX_EPISODE = 40  # short episodes: many borders in a few hundred frames
@@ -68,6 +68,7 @@ def test_training_samples_never_cross_an_episode_border(short_episodes):
     seen = set()
     clamped_start = clamped_end = 0
     for batch in dm.train_dataloader():
+        batch = dm.on_after_batch_transfer(batch, 0)  # the view's batch stage, as training runs it
         for i, episode in enumerate(batch["episode"]):
             frames = torch.from_numpy(episodes[episode])
             length = len(frames)
@@ -172,3 +173,50 @@ def test_ram_feature_cache_loads_weights_only(tmp_path, monkeypatch):
     assert again["train"]["Pong"][1].dtype == torch.uint8
     cache = next(tmp_path.glob("features-*.pt"))
     torch.load(cache, weights_only=True)
+
+
+def test_a_batch_mixes_games_and_episodes_from_the_first_one(tmp_path):
+    # each shard holds one game (samples_per_shard=6 at 16 starts a chunk): read one shard at a time, the
+    # first batches would come from one game and a handful of chunks
+    report = write_atari_shards(tmp_path, ["Pong", "Breakout"], frames=800, test_frames=0, max_episode_frames=120,
+                                samples_per_shard=6, chunk_starts=16)
+    folder = tmp_path / "train"
+    games_per_shard = [{c.game for c in load_split(shard)} for shard in sorted(folder.glob("*.tar"))]
+    assert sum(len(g) == 1 for g in games_per_shard) >= 4, games_per_shard
+    cfg = OmegaConf.create({"train": str(folder), "batch_size": 32, "num_workers": 0, "shuffle_buffer": 64,
+                            "resampled": False, "epoch_samples": None, "name": "shards"})
+    batch = next(iter(ShardDataModule(cfg, TemporalView(augment=False), seed=0).train_dataloader()))
+    games = [episode.split("-")[1] for episode in batch["episode"]]
+    assert set(games) == {"Pong", "Breakout"} and min(games.count("Pong"), games.count("Breakout")) >= 6, games
+    assert len(set(batch["episode"])) >= 6 and report["splits"]["train"]["frames"] == 800
+
+
+def test_equal_previous_and_next_stacks_are_flagged(short_episodes):
+    folder, _ = short_episodes
+    view = TemporalView(augment=False)
+    flags = []
+    for chunk in load_split(folder):
+        for t in chunk.starts():
+            _, previous, following, _ = triplet(chunk, t)
+            sample = view.sample((chunk, t))
+            assert bool(sample["distinct"]) == (not np.array_equal(previous, following))
+            flags.append(bool(sample["distinct"]))
+    assert any(flags)
+
+
+def test_batched_colour_stage_keeps_uint8_range_and_solarizes_as_torchvision():
+    from torchvision.transforms import v2
+
+    from selfsup.data.views import Photometric
+
+    torch.manual_seed(0)
+    stack = torch.randint(0, 256, (4, 3, 84, 84), dtype=torch.uint8)
+    solarize = Photometric(flip=0.0, solarize=1.0, solarize_threshold=120)
+    batched = (solarize.batched(stack.float() / 255) * 255).round().to(torch.uint8)
+    assert torch.equal(batched, torch.stack([v2.RandomSolarize(120, p=1.0)(s) for s in stack]))
+    view = TemporalView()
+    batch = {k: stack.clone() for k in "xyzw"}
+    out = view.batch(view.worker_batch(batch))
+    for k in "xyzw":
+        assert out[k].dtype == torch.float32 and 0.0 <= out[k].min() and out[k].max() <= 1.0
+    assert not torch.equal(out["x"], out["y"])  # per-image draws: the two views of the same stacks differ

@@ -11,7 +11,10 @@ import torch
 from conftest import image_tags, read_scalars, run_submit
 from selfsup.ssl.tov_vicreg.heads import TemporalOrderHead, expander
 from selfsup.ssl.tov_vicreg.loss import (
+    BCE_BEST_CONSTANT,
+    BCE_X_SLOT_KNOWN,
     PERMUTATIONS,
+    describe_temporal_bce,
     covariance_loss,
     invariance_loss,
     permute_triplets,
@@ -237,3 +240,36 @@ def test_end_to_end_pretrain_and_ram_probe(tmp_path):
         assert "mean F1" in proc.stdout
     bad = run_submit("probe", run, "data=atari_ram", "data.train=/nonexistent/x.tar", f"data.test={data}/test")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_temporal_bce_landmarks_are_the_constant_and_the_x_slot_answers():
+    perms, labels = PERMUTATIONS, (torch.arange(6) != 0).float()  # each permutation once: the exact mean
+    constant = torch.full((6,), math.log(5.0))  # P(shuffled) = 5/6
+    assert temporal_loss(constant, labels).item() == pytest.approx(BCE_BEST_CONSTANT, abs=1e-6)
+    # sure where x is not first, 1/2 where it is (identity or previous/next swapped)
+    x_first = perms[:, 0] == 0
+    x_slot = torch.where(x_first, torch.tensor(0.0), torch.tensor(30.0))
+    assert temporal_loss(x_slot, labels).item() == pytest.approx(BCE_X_SLOT_KNOWN, abs=1e-6)
+    assert BCE_BEST_CONSTANT == pytest.approx(0.4506, abs=1e-4) and BCE_X_SLOT_KNOWN == pytest.approx(0.2310, abs=1e-4)
+    assert "constant" in describe_temporal_bce(0.5) and "slot" in describe_temporal_bce(0.3)
+    assert "previous from next" in describe_temporal_bce(0.1)
+
+
+def test_equal_previous_and_next_stacks_are_left_out_of_the_temporal_term():
+    torch.manual_seed(0)
+    module = tiny_method(1.0)
+    batch = {k: torch.rand(8, 3, 84, 84) for k in "xyzw"}
+    batch["distinct"] = torch.tensor([True] * 5 + [False] * 3)
+    torch.manual_seed(1)
+    kept = module.pretext_step(batch)["terms"]
+    torch.manual_seed(1)
+    perms, labels = sample_permutations(8)
+    logits = module.temporal_head(*module.encode(batch["x"], batch["z"], batch["w"]), perms)
+    assert kept["temporal"].item() == pytest.approx(temporal_loss(logits[:5], labels[:5]).item(), rel=1e-5)
+    assert kept["temporal_kept"].item() == pytest.approx(5 / 8)
+    batch["distinct"] = torch.zeros(8, dtype=torch.bool)  # nothing to order: no temporal gradient at all
+    module.zero_grad()
+    out = module.pretext_step(batch)
+    out["loss"].backward()
+    assert out["terms"]["temporal"].item() == 0.0
+    assert module.temporal_head.linear.weight.grad is None or module.temporal_head.linear.weight.grad.abs().sum() == 0

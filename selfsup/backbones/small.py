@@ -110,3 +110,56 @@ class ConvNet4(nn.Module):
 @register_model
 def selfsup_convnet4(pretrained: bool = False, **kwargs):
     return build_model_with_cfg(ConvNet4, "selfsup_convnet4", pretrained, **kwargs)
+
+
+class NatureCNN(nn.Module):
+    """The Nature DQN torso (Mnih et al. 2015), the standard encoder of Atari representation work:
+    conv 8x8/4 (32) - conv 4x4/2 (64) - conv 3x3/1 (64), ReLUs, then one linear layer of 512 on the
+    flattened 7x7 map of an 84 px frame stack. The features are that layer's output (no ReLU after it,
+    as in the Atari RAM-probing literature, so a linear probe sees the whole space). Other input sizes
+    are pooled to the 7x7 grid first, so the weights fit any size from 36 px up."""
+
+    def __init__(self, in_chans: int = 3, widths=(32, 64, 64), hidden: int = 512, grid: int = 7, num_classes: int = 0,
+                 **_):
+        super().__init__()
+        kernels, strides = (8, 4, 3), (4, 2, 1)
+        blocks, prev = [], in_chans
+        for width, kernel, stride in zip(widths, kernels, strides, strict=True):
+            blocks.append(nn.Sequential(nn.Conv2d(prev, width, kernel, stride=stride), nn.ReLU(inplace=True)))
+            prev = width
+        self.stages = nn.Sequential(*blocks)
+        self.grid = nn.AdaptiveAvgPool2d(grid)
+        self.fc = nn.Linear(prev * grid * grid, hidden)
+        self.num_features = hidden
+        self.num_classes = num_classes
+        self.feature_info = [dict(num_chs=w, reduction=r, module=f"stages.{i}")
+                             for i, (w, r) in enumerate(zip(widths, (4, 8, 8), strict=True))]
+        self.head = nn.Linear(hidden, num_classes) if num_classes else nn.Identity()
+
+    def forward_features(self, x):
+        return self.stages(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        x = self.fc(self.grid(x).flatten(1))
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, x, indices=None, norm: bool = False, intermediates_only: bool = True):
+        outs = []
+        for block in self.stages:
+            x = block(x)
+            outs.append(x)
+        return [outs[i] for i in (indices if indices is not None else range(len(outs)))]
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+default_cfgs.update(generate_default_cfgs({
+    "selfsup_nature_cnn": _cfg(num_classes=0, input_size=(3, 84, 84), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                               first_conv="stages.0.0", classifier="head"),
+}))
+
+
+@register_model
+def selfsup_nature_cnn(pretrained: bool = False, **kwargs):
+    return build_model_with_cfg(NatureCNN, "selfsup_nature_cnn", pretrained, **kwargs)

@@ -66,6 +66,7 @@ for _name, _desc in [
     ("resnet10_s1_w32", "ResNet-10 (1 block per stage), widths 32-64-128-256, 3x3 stride-1 stem"),
     ("resnet_tiny", "tests: ResNet, 1 block per stage, widths 8-16-32-64, stride-1 stem"),
     ("convnet4", "plain CPU convnet: 4 x (conv3x3-BN-ReLU-maxpool), widths 32-64-128-256"),
+    ("nature_cnn", "Atari: the Nature DQN torso (3 convs, 32-64-64) and a 512-d linear layer, 84 px stacks"),
 ]:
     register_backbone(_name, family="convnet", timm_name=f"selfsup_{_name}", description=_desc)(
         lambda _n=_name, **kw: _small(f"selfsup_{_n}", kw)

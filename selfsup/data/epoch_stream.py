@@ -40,6 +40,7 @@ from selfsup.data.remote import ReadSettings, ShardOpener
 from selfsup.data.tarstream import fast_tar_expander
 
 log = logging.getLogger(__name__)
+INTERLEAVED_SHARDS = 4  # shards of stored sequences read side by side by one sub-stream
 
 
 def epoch_shards(urls: list[str], *, seed: int, epoch: int, rank: int, world_size: int, substream: int,
@@ -113,8 +114,34 @@ class SubStreams(torch.utils.data.IterableDataset):
         import webdataset as wds
         from webdataset.tariterators import group_by_keys
 
+        if self.expand is not None:  # stored sequences: read several shards side by side (see _interleaved)
+            return self._interleaved(urls)
         opened = ShardOpener(self.read, self.failures)(urls)
         return group_by_keys(fast_tar_expander(opened, self.failures), handler=wds.warn_and_continue)
+
+    def _interleaved(self, urls) -> Iterator[dict]:
+        """The samples of `urls`, INTERLEAVED_SHARDS shards at a time, one sample from each in turn.
+        A shard of episode chunks often holds one game, or a few episodes: read one shard at a time,
+        the shuffle buffers would mix only those, and whole batches would come from one game."""
+        import webdataset as wds
+        from webdataset.tariterators import group_by_keys
+
+        def one(url):
+            opened = ShardOpener(self.read, self.failures)([url])
+            return group_by_keys(fast_tar_expander(opened, self.failures), handler=wds.warn_and_continue)
+
+        urls = iter(urls)
+        readers = [one(url) for url in itertools.islice(urls, INTERLEAVED_SHARDS)]
+        while readers:
+            for reader in list(readers):
+                sample = next(reader, None)
+                if sample is not None:
+                    yield sample
+                    continue
+                readers.remove(reader)
+                url = next(urls, None)
+                if url is not None:
+                    readers.append(one(url))
 
     def _shuffled(self, samples: Iterator, tag: str) -> Iterator:
         import webdataset as wds

@@ -55,8 +55,9 @@ def as_uint8_image(image) -> torch.Tensor:
 class Photometric:
     """Per-image random photometric augmentation, in this order: colour jitter (probability `jitter`,
     strengths brightness/contrast/saturation/hue), grayscale (`gray`), Gaussian blur (`blur`, kernel
-    size, sigma range), horizontal flip (`flip`). Flip and blur commute with the rest, so the order
-    of the originals (flip first or last) gives the same distribution."""
+    size, sigma range), solarize (`solarize`, threshold on the uint8 scale), horizontal flip (`flip`).
+    Flip and blur commute with the rest, so the order of the originals (flip first or last) gives the
+    same distribution."""
 
     flip: float = 0.5
     jitter: float = 0.0
@@ -65,6 +66,8 @@ class Photometric:
     blur: float = 0.0
     blur_kernel: int = 3
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize: float = 0.0
+    solarize_threshold: int = 128  # on the uint8 scale, as v2.RandomSolarize takes it for uint8 images
 
     def transforms(self) -> list:
         """The same augmentation as torchvision.transforms.v2 transforms, for one image."""
@@ -75,6 +78,8 @@ class Photometric:
             out.append(v2.RandomGrayscale(self.gray))
         if self.blur:
             out.append(v2.RandomApply([SeparableGaussianBlur(self.blur_kernel, self.blur_sigma)], p=self.blur))
+        if self.solarize:
+            out.append(v2.RandomSolarize(self.solarize_threshold, p=self.solarize))
         if self.flip:
             out.append(v2.RandomHorizontalFlip(self.flip))
         return out
@@ -201,6 +206,10 @@ def batched_photometric(x: torch.Tensor, spec: Photometric) -> torch.Tensor:
             sigma = _rand(len(idx), *spec.blur_sigma, device)
             x = x.clone()
             x[idx] = gaussian_blur(x[idx], spec.blur_kernel, sigma)
+    if spec.solarize:
+        # torchvision inverts a uint8 pixel at or above the threshold; the floats here are uint8 / 255
+        high = x >= (spec.solarize_threshold - 0.5) / 255.0
+        x = torch.where(chosen(spec.solarize).view(-1, 1, 1, 1) & high, 1.0 - x, x)
     if spec.flip:
         x = torch.where(chosen(spec.flip).view(-1, 1, 1, 1), x.flip(-1), x)
     return x

@@ -20,7 +20,8 @@ from selfsup.core.errors import UserError
 from selfsup.ssl.base import PretextOutput, SSLMethod
 from selfsup.ssl.pictures import captioned_grid
 from selfsup.ssl.tov_vicreg.heads import TemporalOrderHead, expander
-from selfsup.ssl.tov_vicreg.loss import sample_permutations, tov_vicreg_loss
+from selfsup.ssl.tov_vicreg.loss import (BCE_BEST_CONSTANT, BCE_X_SLOT_KNOWN, describe_temporal_bce,
+                                         sample_permutations, tov_vicreg_loss)
 
 
 def holds_episodes(spec) -> bool | None:
@@ -79,15 +80,29 @@ class TOVVICReg(SSLMethod):
         p_x, p_y = self.projector(r_x), self.projector(r_y)
         perms, labels = sample_permutations(len(r_x), device=r_x.device)  # global RNG, on the CPU: device-agnostic
         logits = self.temporal_head(r_x, r_z, r_w, perms)
-        terms = tov_vicreg_loss(p_x, p_y, logits, labels, sim=m.sim_weight, std=m.std_weight, cov=m.cov_weight,
-                                temporal=m.temporal_weight, gamma=m.gamma, eps=m.eps)
+        # equal previous and next stacks (a still screen) have no order to tell: out of the temporal term
+        distinct = batch.get("distinct")
+        keep = distinct.to(r_x.device, torch.bool) if distinct is not None else torch.ones_like(labels, dtype=torch.bool)
+        terms = tov_vicreg_loss(p_x, p_y, logits[keep], labels[keep], sim=m.sim_weight, std=m.std_weight,
+                                cov=m.cov_weight, temporal=m.temporal_weight, gamma=m.gamma, eps=m.eps)
         loss = terms.pop("loss")
         with torch.no_grad():
-            terms["temporal_acc"] = ((logits > 0).float() == labels).float().mean()
+            terms["temporal_acc"] = ((logits[keep] > 0).float() == labels[keep]).float().sum() / keep.sum().clamp(min=1)
+            terms["temporal_kept"] = keep.float().mean()
+            terms["temporal_bce_constant"] = BCE_BEST_CONSTANT
+            terms["temporal_bce_x_slot"] = BCE_X_SLOT_KNOWN
             terms["repr_std"] = r_x.float().std(0).mean()  # collapse monitor
             terms["proj_std"] = p_x.float().std(0).mean()
         return {"loss": loss, "terms": terms, "features": r_x,
-                "pictures": {"logits": logits.detach(), "labels": labels}}
+                "pictures": {"logits": logits.detach(), "labels": labels, "bce": terms["temporal"].detach()}}
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        # the temporal BCE on one chart with its two landmarks (TensorBoard's Custom Scalars tab)
+        experiment = getattr(self.logger, "experiment", None) if self.logger else None
+        if experiment is not None and hasattr(experiment, "add_custom_scalars") and self.global_rank == 0:
+            experiment.add_custom_scalars({"tov_vicreg": {"temporal BCE vs its landmarks": [
+                "Multiline", ["train/temporal", "train/temporal_bce_constant", "train/temporal_bce_x_slot"]]}})
 
     def log_pictures(self, batch: dict, out: PretextOutput) -> None:
         """Columns x, y, z (previous), w (next) of a few samples; the 3 frames of a stack are the RGB
@@ -100,5 +115,6 @@ class TOVVICReg(SSLMethod):
         for p, t in zip(prob, truth, strict=True):
             captions += [f"x p={p:.2f}", f"y {'shuf' if t else 'order'}", "z (t-3)", "w (t+3)"]
             ok += [(p > 0.5) == bool(t)] * 4
-        grid = captioned_grid(tiles.cpu(), captions, ok=ok, columns=8)
+        title = describe_temporal_bce(float(out["pictures"]["bce"]))
+        grid = captioned_grid(tiles.cpu(), captions, ok=ok, columns=8, title=title)
         self.logger.experiment.add_image("tov_vicreg/x_y_prev_next", grid, self.global_step, dataformats="HWC")
