@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import run_submit
+from selfsup.core.errors import UserError
 from selfsup.eval.label_subset import draw_subset
 
 
@@ -154,3 +155,23 @@ def test_dry_run_composes_the_recipe_and_the_source_backbone(tmp_path):
     assert cfg.finetune.mixup == 0.8 and cfg.backbone.kwargs.drop_path_rate == 0.4
     assert cfg.backbone.kwargs.num_classes == 10
     assert not any(Path(tmp_path).iterdir())
+
+
+def test_a_source_classifier_for_other_classes_is_left_out(finetuned):
+    from types import SimpleNamespace
+
+    from selfsup.backbones.registry import create_backbone
+    from selfsup.launch.finetune import load_source_weights
+
+    from safetensors.torch import load_file
+
+    source, _ = finetuned  # its classifier has 10 classes
+    weights = load_file(source / "model.safetensors")
+    for classes in (3, 10):
+        backbone = create_backbone("resnet_tiny", num_classes=classes)
+        load_source_weights(SimpleNamespace(backbone=backbone), str(source))
+        assert torch.equal(backbone.net.state_dict()["layer4.0.conv2.weight"], weights["layer4.0.conv2.weight"])
+        assert torch.equal(backbone.net.fc.weight, weights["fc.weight"]) == (classes == 10)
+    wider = create_backbone("resnet10_s1_w32", num_classes=3)
+    with pytest.raises(UserError, match="do not fit resnet10_s1_w32"):
+        load_source_weights(SimpleNamespace(backbone=wider), str(source))

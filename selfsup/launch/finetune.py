@@ -164,6 +164,17 @@ def load_source_weights(module, source: str) -> None:
 
     state = load_backbone(source).backbone.net.state_dict()
     net = module.backbone.net
+    # a fine-tuned source carries a classifier: one made for other classes is not loaded
+    head = net.get_classifier() if hasattr(net, "get_classifier") else None
+    head_names = [name for name, m in net.named_modules() if head is not None and m is head and name]
+    own = net.state_dict()
+    state = {k: v for k, v in state.items()
+             if not (k in own and v.shape != own[k].shape and any(k.startswith(h + ".") for h in head_names))}
+    shapes = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if shapes:
+        raise UserError(f"{source}: its weights do not fit {module.backbone.name} ({shapes[0]}: "
+                        f"{tuple(state[shapes[0]].shape)} against {tuple(own[shapes[0]].shape)}); fine-tune a "
+                        f"source of the same backbone and backbone.kwargs")
     missing, unexpected = net.load_state_dict(state, strict=False)
     new_head = {key for key in net.state_dict() if key not in state}  # the classifier, made for these classes
     if unexpected or set(missing) - new_head:
