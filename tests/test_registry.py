@@ -20,7 +20,8 @@ def test_required_names_are_registered():
 def test_common_face(name):
     torch.manual_seed(0)
     backbone = create_backbone(name, **small_kwargs(name)).eval()
-    x = torch.randn(2, 3, 32, 32)
+    size = 32 if backbone.family == "vit" else max(32, backbone.min_image_size())  # the Nature DQN needs 36
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         pooled = backbone(x)
         features = backbone.forward_features(x)
@@ -28,10 +29,15 @@ def test_common_face(name):
     assert torch.isfinite(pooled).all()
     assert backbone.family == get_spec(name).family
     if backbone.family == "convnet":
-        assert features.shape[1] == backbone.num_features
+        assert features.shape[1] == backbone.stage_channels[-1]
         stages = backbone.forward_stages(x)
         assert [s.shape[1] for s in stages] == backbone.stage_channels
-        assert [32 // s.shape[-1] for s in stages] == backbone.stage_strides
+        assert [tuple(s.shape[-2:]) for s in stages] == backbone.stage_sizes(size)
+        # padded convolutions divide the size by the stride; unpadded ones (the Nature DQN's) shrink it more
+        assert all(s.shape[-1] <= -(-size // stride) for s, stride in zip(stages, backbone.stage_strides, strict=True))
+        assert backbone.stage_strides == sorted(backbone.stage_strides)
+        if name != "nature_cnn":
+            assert [size // s.shape[-1] for s in stages] == backbone.stage_strides
     else:
         assert features.shape[-1] == backbone.num_features
         with pytest.raises(TypeError):
