@@ -117,8 +117,8 @@ class TemporalView(ViewDefaults):
     A two-stage `TrainView` (selfsup.data.contract) over stored episode chunks: per sample in the
     workers, only the crops and flips (uint8); the colour augmentations run on whole batches with
     per-image draws (selfsup.data.views.batched_photometric) in the workers, or on the GPU with
-    data.gpu_augment. Per image, torchvision's colour ops cost 13 ms a sample on a CPU core for the
-    four stacks, several times the Nature CNN's training step (BENCHMARKS.md)."""
+    data.gpu_augment. Batched, the four stacks of a sample cost 0.56 of the CPU time of torchvision's
+    per-image transforms (BENCHMARKS.md)."""
 
     two_stage = True
 
@@ -149,7 +149,8 @@ class TemporalView(ViewDefaults):
     def _colour(self, batch: dict, back_to_uint8: bool) -> dict:
         for name in VIEWS:
             x = batch[name]
-            y = self.photometric[name].batched(torch.empty(x.shape, dtype=torch.float32).copy_(x).div_(255.0))
+            floats = torch.empty(x.shape, dtype=torch.float32, device=x.device).copy_(x).div_(255.0)
+            y = self.photometric[name].batched(floats)
             if back_to_uint8:  # in place: x may live in shared memory already
                 x.copy_(y.mul_(255.0).round_())
             else:
