@@ -65,7 +65,25 @@ def selfsup_resnet_tiny(pretrained: bool = False, **kwargs):
     return _stride1_resnet("selfsup_resnet_tiny", pretrained, (1, 1, 1, 1), (8, 16, 32, 64), **kwargs)
 
 
-class ConvNet4(nn.Module):
+class _StagedNet(nn.Module):
+    """A plain sequence of stages (`self.stages`) with timm's face: features, per-stage outputs, forward."""
+
+    def forward_features(self, x):
+        return self.stages(x)
+
+    def forward_intermediates(self, x, indices=None, norm: bool = False, intermediates_only: bool = True):
+        # `norm` as in timm's convnets (a norm after the last stage): these networks have none
+        outs = []
+        for block in self.stages:
+            x = block(x)
+            outs.append(x)
+        return [outs[i] for i in (indices if indices is not None else range(len(outs)))]
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+class ConvNet4(_StagedNet):
     """Four conv3x3-BN-ReLU-maxpool blocks and global average pooling: the plain CPU convnet of the
     calibration runs (docs/evaluation.md). Its stages are exposed like a timm model's (`feature_info`,
     `forward_intermediates`) so it has the registry's face."""
@@ -88,23 +106,9 @@ class ConvNet4(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward_features(self, x):
-        return self.stages(x)
-
     def forward_head(self, x, pre_logits: bool = False):
         x = x.mean((-2, -1))
         return x if pre_logits else self.head(x)
-
-    def forward_intermediates(self, x, indices=None, norm: bool = False, intermediates_only: bool = True):
-        # `norm` as in timm's convnets (a norm after the last stage): this network has none
-        outs = []
-        for block in self.stages:
-            x = block(x)
-            outs.append(x)
-        return [outs[i] for i in (indices if indices is not None else range(len(outs)))]
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
 
 
 @register_model
@@ -112,7 +116,7 @@ def selfsup_convnet4(pretrained: bool = False, **kwargs):
     return build_model_with_cfg(ConvNet4, "selfsup_convnet4", pretrained, **kwargs)
 
 
-class NatureCNN(nn.Module):
+class NatureCNN(_StagedNet):
     """The Nature DQN torso (Mnih et al. 2015), the standard encoder of Atari representation work:
     conv 8x8/4 (32) - conv 4x4/2 (64) - conv 3x3/1 (64), ReLUs, then one linear layer of 512 on the
     flattened 7x7 map of an 84 px frame stack. The features are that layer's output (no ReLU after it,
@@ -136,22 +140,9 @@ class NatureCNN(nn.Module):
                              for i, (w, r) in enumerate(zip(widths, (4, 8, 8), strict=True))]
         self.head = nn.Linear(hidden, num_classes) if num_classes else nn.Identity()
 
-    def forward_features(self, x):
-        return self.stages(x)
-
     def forward_head(self, x, pre_logits: bool = False):
         x = self.fc(self.grid(x).flatten(1))
         return x if pre_logits else self.head(x)
-
-    def forward_intermediates(self, x, indices=None, norm: bool = False, intermediates_only: bool = True):
-        outs = []
-        for block in self.stages:
-            x = block(x)
-            outs.append(x)
-        return [outs[i] for i in (indices if indices is not None else range(len(outs)))]
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
 
 
 default_cfgs.update(generate_default_cfgs({
