@@ -2,6 +2,7 @@
 all layers extracted in one pass, the last layer's row the default probe's own numbers."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -107,3 +108,35 @@ def test_a_run_folder_gets_the_rows_in_its_json_table_and_tensorboard(tmp_path, 
     assert scalars["probe/stage1/linear_top1"] == [(2, pytest.approx(rows[0]["linear_top1"]))]
     assert scalars["probe/stage4/knn_top1"] == [(2, pytest.approx(default["knn"]["top1"]))]
     assert "probe/stage2/linear_top1" not in scalars and "probe/linear_top1" in scalars
+
+
+def test_baselines_are_the_random_init_and_pixel_probes_with_the_same_settings(tmp_path, monkeypatch, capsys):
+    """`probe.baselines=true` records what `submit probe random:<backbone>` and `submit probe pixels` give
+    with the same data and settings, per layer for the random init, and the margin over the best."""
+    monkeypatch.delenv("_SELFSUP_LAUNCHED_RUN_DIR", raising=False)
+    assert main(["pretrain", "rotnet", "resnet_tiny", "data=digits", "data.image_size=16", "data.batch_size=16",
+                 "data.num_workers=0", "trainer.max_steps=2", "trainer.precision=32-true", "images_every_n_steps=0",
+                 f"run_dir={tmp_path}", "run_name=r"]) == 0
+    run = tmp_path / "r"
+    layers = ["probe.layers=[1,layer4]"]
+    assert main(["probe", str(run), *FAST[1:], *layers, "probe.baselines=true"]) == 0
+    table = capsys.readouterr().out
+    record = json.loads((run / "probe.json").read_text())
+    random_init = run_probe("random:resnet_tiny", [*FAST, *layers]).record
+    pixels = run_probe("pixels", FAST).record
+    baselines = record["baselines"]
+    assert set(baselines) == {"random_init", "pixels"}
+    for key in ("linear", "knn", "layers"):
+        assert baselines["random_init"][key] == random_init[key]
+    assert baselines["pixels"]["linear"] == pixels["linear"] and baselines["pixels"]["knn"] == pixels["knn"]
+    assert "layers" not in baselines["pixels"]
+    # the random init's features are cached beside the run's; the pixels are not
+    assert len(list((run / "probe").glob("features-*"))) == 2
+    best = max(random_init["linear"]["top1"], pixels["linear"]["top1"])
+    margin = record["linear"]["top1"] - best
+    assert re.search(rf"raw pixels\s+{pixels['linear']['top1']:.2f}\s+{pixels['knn']['top1']:.2f}", table)
+    assert re.search(rf"margin over the best baseline\s+{'+' if margin >= 0 else ''}{margin:.2f}", table)
+    stage1 = next(line for line in table.splitlines() if line.split()[:2] == ["stage1", "layer1"])
+    assert stage1.split()[-1] == f"{random_init['layers'][0]['linear_top1']:.2f}"
+    # a baseline itself gets no baselines
+    assert "baselines" not in run_probe("random:resnet_tiny", [*FAST, "probe.baselines=true"]).record

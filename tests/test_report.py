@@ -72,6 +72,11 @@ def probe_record(cfg) -> dict:
     record = scores(x)
     record["layers"] = [{"layer": "stage1", "module": "stages.0", **layer_row(scores(x[:, :32]))},
                         {"layer": "stage4", "module": "stages.3", **layer_row(record)}]
+    # probe.baselines=true: coarser pixels stand in for the random init, the bottom half for raw pixels
+    random_init = scores(x[:, ::4])
+    random_init["layers"] = [{"layer": "stage1", "module": "stages.0", **layer_row(scores(x[:, :32:4]))},
+                             {"layer": "stage4", "module": "stages.3", **layer_row(random_init)}]
+    record["baselines"] = {"random_init": random_init, "pixels": scores(x[:, 32:])}
     record.update({"eval_target": "classification", "target": "runs/r", "global_step": STEPS - 1,
                    "precision": "32-true", "data": {"name": "digits"}, "probe": OmegaConf.to_container(cfg.probe)})
     return record
@@ -205,6 +210,13 @@ def test_report_page_read_by_chromium_and_its_png(run, chromium):
     ram = json.loads((run / "probe_atari_ram.json").read_text())
     assert "blocks_hit_count" in evaluation and f"{ram['mean_f1']:.3f}" in evaluation
     assert "constant in train: not in the mean" in evaluation
+    # the probe beside its baselines, and the random init's row per layer
+    base = probe["baselines"]
+    best = max(base["random_init"]["linear"]["top1"], base["pixels"]["linear"]["top1"])
+    assert (f"raw pixels {base['pixels']['linear']['top1']:.2f} {base['pixels']['knn']['top1']:.2f}" in evaluation
+            and f"margin over the best baseline {probe['linear']['top1'] - best:+.2f}" in evaluation)
+    stage1 = base["random_init"]["layers"][0]
+    assert f"{probe['layers'][0]['weight_decay']:g} {stage1['linear_top1']:.2f} {stage1['knn_top1']:.2f}" in evaluation
     assert "this run runs/pretrained 100 % 91.25 99.50 80.50 97.00 +10.75" in evaluation
     assert "runs/ft-10 " + str(run) + " 10 % 70.00 95.00 – – –" in evaluation
     assert "finetune/b.json: not readable JSON" in evaluation

@@ -169,11 +169,16 @@ def ram_tables(result: dict) -> list[ResultTable]:
 
 
 class RamProbeResult(ProbeResult):
+    score_format = "{:.3f}"
+
     def table(self, title: str) -> str:
-        return format_ram_table(self, title)
+        return "\n".join([format_ram_table(self, title), *self.baseline_lines()])
 
     def tables(self) -> list[ResultTable]:
-        return ram_tables(self)
+        return ram_tables(self) + [t for t in [self.baseline_table()] if t]
+
+    def headline(self, record: dict[str, Any]) -> dict[str, float]:
+        return {"mean F1": record["mean_f1"]}
 
     def scalars(self) -> dict[str, float]:
         return {"probe/ram_f1_mean": self["mean_f1"],

@@ -63,11 +63,21 @@ def format_table(result, title: str) -> str:
         f"  {'k-NN (k=%d, T=%g)' % (knn['k'], knn['temperature']):<26}{knn['top1']:>8.2f}{knn['top5']:>8.2f}",
     ]
     if result.get("layers"):
+        random_init = random_init_layers(result)
         lines += ["  per layer (probe.layers; the rows above are the final pooled features)",
-                  f"  {'layer':<10}{'module':<16}{'dim':>6}{'linear top-1':>14}{'top-5':>8}{'k-NN top-1':>12}"]
+                  f"  {'layer':<10}{'module':<16}{'dim':>6}{'linear top-1':>14}{'top-5':>8}{'k-NN top-1':>12}"
+                  + (f"{'random init linear top-1':>26}" if random_init else "")]
         lines += [f"  {r['layer']:<10}{r['module']:<16}{r['feature_dim']:>6}{r['linear_top1']:>14.2f}"
-                  f"{r['linear_top5']:>8.2f}{r['knn_top1']:>12.2f}" for r in result["layers"]]
+                  f"{r['linear_top5']:>8.2f}{r['knn_top1']:>12.2f}"
+                  + (f"{random_init[r['layer']]['linear_top1']:>26.2f}" if r["layer"] in random_init else "")
+                  for r in result["layers"]]
     return "\n".join(lines)
+
+
+def random_init_layers(result) -> dict[str, dict]:
+    """The per-layer rows of the random-init baseline (`probe.baselines=true`), by layer name."""
+    baseline = (result.get("baselines") or {}).get("random_init") or {}
+    return {row["layer"]: row for row in baseline.get("layers") or []}
 
 
 def result_tables(result) -> list[ResultTable]:
@@ -79,20 +89,27 @@ def result_tables(result) -> list[ResultTable]:
         [["linear (chosen on val)", f"{lin['top1']:.2f}", f"{lin['top5']:.2f}", f"wd={lin['chosen']['weight_decay']:g}"],
          ["k-NN", f"{knn['top1']:.2f}", f"{knn['top5']:.2f}", f"k={knn['k']}, T={knn['temperature']:g}"]])]
     if result.get("layers"):
+        random_init = random_init_layers(result)
+        extra = ["random init linear top-1", "random init k-NN top-1"] if random_init else []
         tables.append(ResultTable(
             "per layer (probe.layers)",
-            ["layer", "module", "dim", "linear top-1", "linear top-5", "k-NN top-1", "k-NN top-5", "wd"],
+            ["layer", "module", "dim", "linear top-1", "linear top-5", "k-NN top-1", "k-NN top-5", "wd", *extra],
             [[r["layer"], r["module"], str(r["feature_dim"]), f"{r['linear_top1']:.2f}", f"{r['linear_top5']:.2f}",
-              f"{r['knn_top1']:.2f}", f"{r['knn_top5']:.2f}", f"{r['weight_decay']:g}"] for r in result["layers"]]))
+              f"{r['knn_top1']:.2f}", f"{r['knn_top5']:.2f}", f"{r['weight_decay']:g}",
+              *([f"{random_init[r['layer']]['linear_top1']:.2f}", f"{random_init[r['layer']]['knn_top1']:.2f}"]
+                if extra and r["layer"] in random_init else ["-"] * len(extra))] for r in result["layers"]]))
     return tables
 
 
 class ClassificationResult(ProbeResult):
     def table(self, title: str) -> str:
-        return format_table(self, title)
+        return "\n".join([format_table(self, title), *self.baseline_lines()])
 
     def tables(self) -> list[ResultTable]:
-        return result_tables(self)
+        return result_tables(self) + [t for t in [self.baseline_table()] if t]
+
+    def headline(self, record: dict[str, Any]) -> dict[str, float]:
+        return {"linear top-1": record["linear"]["top1"], "k-NN top-1": record["knn"]["top1"]}
 
     def scalars(self) -> dict[str, float]:
         scalars = {"probe/linear_top1": self["linear"]["top1"], "probe/linear_top5": self["linear"]["top5"],

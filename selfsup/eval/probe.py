@@ -25,6 +25,7 @@ from selfsup.core.precision import resolve_precision
 from selfsup.eval.targets import EvalTarget, ProbeResult, get_target
 
 PIXELS = "pixels"  # the raw-pixel baseline, as the eval target makes it
+RANDOM_INIT = "random_init"  # the other baseline: the probed network at its random init
 # probe.precision, resolved (selfsup/core/precision.py), and the autocast dtype feature extraction runs in
 AUTOCAST_DTYPES = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -102,6 +103,8 @@ class ProbedBackbone:
     run_dir: Path | None = None
     run_cfg: DictConfig | None = None
     step: int = 0
+    # how the network is built (its registry name and kwargs): its random-init baseline is the same build
+    architecture: tuple[str, dict] | None = None
 
 
 def load_backbone(target: str, backbone_kwargs: dict | None = None) -> ProbedBackbone:
@@ -113,25 +116,30 @@ def load_backbone(target: str, backbone_kwargs: dict | None = None) -> ProbedBac
         name = target.split(":", 1)[1]
         torch.manual_seed(0)
         kwargs = dict(backbone_kwargs or {})
-        return ProbedBackbone(create_backbone(name, **kwargs), f"random:{name}:{json.dumps(kwargs, sort_keys=True)}")
+        return ProbedBackbone(create_backbone(name, **kwargs), f"random:{name}:{json.dumps(kwargs, sort_keys=True)}",
+                              architecture=(name, kwargs))
     path = Path(target)
     if path.suffix == ".safetensors":
         from selfsup.export import load_export
 
         state, meta = load_export(path)
-        backbone = create_backbone(meta["backbone"], **json.loads(meta.get("backbone_kwargs") or "{}"))
+        kwargs = json.loads(meta.get("backbone_kwargs") or "{}")
+        backbone = create_backbone(meta["backbone"], **kwargs)
         backbone.net.load_state_dict(state, strict=True)
-        return ProbedBackbone(backbone, _file_identity(path), step=int(meta.get("global_step") or 0))
+        return ProbedBackbone(backbone, _file_identity(path), step=int(meta.get("global_step") or 0),
+                              architecture=(meta["backbone"], kwargs))
     from selfsup.export import backbone_state_dict, load_checkpoint
 
     ckpt = load_checkpoint(path)
     meta = ckpt["selfsup"]
-    backbone = create_backbone(meta["backbone"], **meta.get("backbone_kwargs", {}))
+    kwargs = dict(meta.get("backbone_kwargs", {}))
+    backbone = create_backbone(meta["backbone"], **kwargs)
     backbone.net.load_state_dict(backbone_state_dict(ckpt), strict=True)
     run_dir = path if path.is_dir() else (path.parent.parent if path.parent.name == "checkpoints" else None)
     ckpt_file = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
     return ProbedBackbone(backbone, _file_identity(ckpt_file), run_dir,
-                          OmegaConf.create(meta["config"]) if meta.get("config") else None, int(ckpt.get("global_step", 0)))
+                          OmegaConf.create(meta["config"]) if meta.get("config") else None, int(ckpt.get("global_step", 0)),
+                          (meta["backbone"], kwargs))
 
 
 def _file_identity(path: Path) -> str:
@@ -278,16 +286,15 @@ def run_probe(target: str, overrides: list[str], share=None) -> ProbeResult | No
     of a Slurm job) every rank extracts its block of the shards; rank 0 gathers the features, fits
     and returns the result, the other ranks None."""
     plan = plan_probe(target, overrides)
-    loaded, cfg, eval_target, positions, cache_dir = plan.loaded, plan.cfg, plan.eval_target, plan.positions, plan.cache_dir
-    if positions is None:
-        features = probe_features(loaded.backbone, cfg, eval_target, cache_dir, loaded.identity, share=share)
-        if features is None:  # a rank > 0: its part is written, rank 0 fits
-            return None
-        record = eval_target.evaluate(features, cfg)
-    else:
-        record = evaluate_layers(loaded.backbone, positions, cfg, eval_target, cache_dir, loaded.identity, share)
-        if record is None:
-            return None
+    loaded, cfg, eval_target = plan.loaded, plan.cfg, plan.eval_target
+    record = _probe_record(loaded, plan.positions, cfg, eval_target, plan.cache_dir, share)
+    baselines = {role: _probe_record(probed, plan.positions if role == RANDOM_INIT else None, cfg, eval_target,
+                                     plan.cache_dir, share, cache=role == RANDOM_INIT or _shared(share))
+                 for role, probed in baseline_backbones(plan).items()}
+    if record is None or None in baselines.values():  # a rank > 0: its parts are written, rank 0 fits
+        return None
+    if baselines:
+        record["baselines"] = baselines
     if share and share.world_size > 1:
         record["extraction_ranks"] = share.world_size
     record.update({"eval_target": eval_target.name, "target": target, "global_step": loaded.step,
@@ -298,6 +305,32 @@ def run_probe(target: str, overrides: list[str], share=None) -> ProbeResult | No
         write_text_atomic(loaded.run_dir / eval_target.result_file, json.dumps(result.record, indent=1))
         _log_tensorboard(loaded.run_dir, result.scalars(), loaded.step)
     return result
+
+
+def _shared(share) -> bool:
+    return bool(share and share.world_size > 1)
+
+
+def _probe_record(probed: ProbedBackbone, positions: list[int] | None, cfg: DictConfig, eval_target: EvalTarget,
+                  cache_dir: Path | None, share, cache: bool = True) -> dict | None:
+    """The eval target's record of one backbone's features (None on a rank > 0 of a share)."""
+    cache_dir = cache_dir if cache else None
+    if positions is None:
+        features = probe_features(probed.backbone, cfg, eval_target, cache_dir, probed.identity, share=share)
+        return None if features is None else eval_target.evaluate(features, cfg)
+    return evaluate_layers(probed.backbone, positions, cfg, eval_target, cache_dir, probed.identity, share)
+
+
+def baseline_backbones(plan: ProbePlan) -> dict[str, ProbedBackbone]:
+    """`probe.baselines=true` on a trained backbone: the same network at its random init (built as the
+    target was, seeded as `random:<backbone>` is) and the eval target's raw pixels, probed with the same
+    data and settings. Nothing for a target that is itself a baseline."""
+    probed = plan.loaded
+    if not plan.cfg.probe.get("baselines") or probed.architecture is None or plan.target.startswith("random:"):
+        return {}
+    name, kwargs = probed.architecture
+    return {RANDOM_INIT: load_backbone(f"random:{name}", kwargs),
+            PIXELS: ProbedBackbone(plan.eval_target.pixels(), f"{PIXELS}:{plan.eval_target.name}")}
 
 
 def check_layers(cfg: DictConfig, backbone, eval_target: EvalTarget) -> list[int] | None:

@@ -27,6 +27,10 @@ from selfsup.core.errors import UserError, unknown_choice
 TARGET_MODULES = ("selfsup.eval.classification", "selfsup.eval.atari_ram")
 
 
+# what a result's `baselines` (`probe.baselines=true`) are called where they are shown
+BASELINE_LABELS = {"random_init": "same network, random init", "pixels": "raw pixels"}
+
+
 @dataclass
 class ResultTable:
     """One table of a result, its cells already formatted, for a reader other than the terminal
@@ -65,6 +69,38 @@ class ProbeResult(Mapping[str, Any]):
     @abstractmethod
     def scalars(self) -> dict[str, float]:
         """TensorBoard tag -> value."""
+
+    @abstractmethod
+    def headline(self, record: dict[str, Any]) -> dict[str, float]:
+        """The scores of `record` (this result's, or one of its baselines') that a comparison reads:
+        column name -> score, higher is better."""
+
+    score_format: ClassVar[str] = "{:.2f}"
+
+    def baseline_table(self) -> ResultTable | None:
+        """This backbone's headline scores beside its baselines' (`probe.baselines=true`) and the margin
+        over the best of them; None when no baseline was probed."""
+        baselines = self.record.get("baselines") or {}
+        if not baselines:
+            return None
+        own = self.headline(self.record)
+        scored = {role: self.headline(record) for role, record in baselines.items()}
+        rows = [["this backbone", *(self.score_format.format(v) for v in own.values())]]
+        rows += [[BASELINE_LABELS.get(role, role), *(self.score_format.format(v) for v in scores.values())]
+                 for role, scores in scored.items()]
+        margins = [own[column] - max(scores[column] for scores in scored.values()) for column in own]
+        rows.append(["margin over the best baseline", *(("+" if m >= 0 else "") + self.score_format.format(m)
+                                                          for m in margins)])
+        return ResultTable("beside the baselines (the same data and probe settings)", ["features", *own], rows)
+
+    def baseline_lines(self) -> list[str]:
+        """`baseline_table` as lines of the text table `submit probe` prints ([] without baselines)."""
+        table = self.baseline_table()
+        if table is None:
+            return []
+        width = max(len(row[0]) for row in table.rows) + 2
+        lines = [f"  {table.title}", f"  {'':<{width}}" + "".join(f"{c:>14}" for c in table.columns[1:])]
+        return lines + [f"  {row[0]:<{width}}" + "".join(f"{c:>14}" for c in row[1:]) for row in table.rows]
 
 
 class EvalTarget(ABC):
