@@ -401,9 +401,12 @@ class KeptSample:
         return {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
 
 
-def write_subset(spec, keys: frozenset[str], out_dir: Path, *, prefix: str, num_workers: int = 1) -> Path:
+def write_subset(spec, keys: frozenset[str], out_dir: Path, *, prefix: str, num_workers: int = 1,
+                 readers: int = 1) -> Path:
     """The samples of `spec` whose keys are `keys`, copied undecoded as shards (with index.json) into
-    `out_dir`: a small labelled subset streams from its own shards instead of a pass over all of them."""
+    `out_dir`: a small labelled subset streams from its own shards instead of a pass over all of them.
+    `readers`: the ranks x loader workers that will stream it, each of which must own a shard of its own
+    for their samples to be disjoint (selfsup.data.epoch_stream); at most 5000 samples per shard."""
     from selfsup.data.shards import write_shards
 
     def kept():
@@ -412,7 +415,8 @@ def write_subset(spec, keys: frozenset[str], out_dir: Path, *, prefix: str, num_
             yield from batch
 
     write_shards(kept(), out_dir, prefix=prefix, total=len(keys), classes=dataset_classes(spec),
-                 desc=f"{prefix} subset", keep_existing=True)
+                 samples_per_shard=max(1, min(5000, -(-len(keys) // max(1, readers)))), desc=f"{prefix} subset",
+                 keep_existing=True)
     return out_dir
 
 

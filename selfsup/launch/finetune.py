@@ -184,6 +184,7 @@ def load_source_weights(module, source: str) -> None:
 
 def run_finetune(cfg: DictConfig, run_dir: str | Path, extra_callbacks=(), on_signal=None, signal_flag=None) -> dict:
     """Fine-tune in `run_dir` (resuming from its last checkpoint), then score the best weights on test."""
+    from selfsup.core.config_checks import configured_ranks
     from selfsup.data.stream import ShardDataModule, eval_loader, resolve_split, write_subset
     from selfsup.data.views import eval_view
     from selfsup.eval.finetune import FineTuner
@@ -211,7 +212,8 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path, extra_callbacks=(), on_si
         if f.label_fraction < 1:  # a fraction of the labels: its own shards, read without a pass over all of them
             train_data = OmegaConf.merge(d, {"train": str(write_subset(
                 train_spec, frozenset(subset.train), run_dir / LABELLED / "train", prefix="train",
-                num_workers=d.num_workers)), "epoch_samples": None})
+                num_workers=d.num_workers, readers=(configured_ranks(cfg.trainer) or 1) * max(1, d.num_workers))),
+                "epoch_samples": None})
             datamodule = ShardDataModule(train_data, train_view=module.train_view(), seed=cfg.seed)
         else:  # all the labels: the train shards, less the validation split
             datamodule = ShardDataModule(d, train_view=module.train_view(), seed=cfg.seed, keys=frozenset(subset.train))
