@@ -177,7 +177,7 @@ def test_bad_values_are_one_line_errors_naming_the_choices(tmp_path):
     # real shards, so the error cannot depend on whether an earlier test built the demo data
     shards = small_split("train", 64, tmp_path / "shards")
     proc = run_submit("pretrain", "sit", "vit_tiny_test", "method.views.interpolation=cubic", "trainer.max_steps=1",
-                      "data.num_workers=0", f"data={shards}", f"run_dir={tmp_path}")
+                      "data.num_workers=0", f"data={shards}", f"run_dir={tmp_path}", in_process=True)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert "'cubic'" in lines[0] and "bicubic" in lines[0] and "bilinear" in lines[0]
