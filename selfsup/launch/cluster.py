@@ -34,6 +34,9 @@ def available_profiles() -> list[str]:
 
 def slurm_answers(timeout: float = 10.0) -> bool:
     """True when `scontrol ping` reaches a controller that is UP."""
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not Path(conf).is_file():  # scontrol would retry reading it for a minute: no Slurm here
+        return False
     try:
         out = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired):
