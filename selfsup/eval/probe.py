@@ -172,7 +172,7 @@ def probe_features(backbone, cfg: DictConfig, eval_target: EvalTarget, cache_dir
         return torch.load(cache, weights_only=True) if rank == 0 else None
     extract = dict(backbone=backbone, cfg=cfg, eval_target=eval_target, device=device,
                    autocast=AUTOCAST_DTYPES[precision])
-    if share and share.world_size > 1:
+    if _shared(share):
         return _extract_share(specs, cache, share, extract)
     out = {split: _extract_split(split, specs[split], **extract) for split in ("train", "test")}
     if cache:
@@ -276,8 +276,8 @@ def plan_probe(target: str, overrides: list[str]) -> ProbePlan:
     check_probe(cfg, loaded.backbone if loaded else None)
     eval_target = get_target(cfg.data.eval_target)
     positions = check_layers(cfg, loaded.backbone if loaded else None, eval_target)
-    if loaded is None:  # the raw-pixel baseline: the eval target knows what its inputs' pixels are
-        loaded = ProbedBackbone(eval_target.pixels(), f"{PIXELS}:{eval_target.name}")
+    if loaded is None:  # the raw-pixel baseline
+        loaded = pixel_features(eval_target)
     return ProbePlan(target, loaded, cfg, eval_target, positions)
 
 
@@ -288,14 +288,15 @@ def run_probe(target: str, overrides: list[str], share=None) -> ProbeResult | No
     plan = plan_probe(target, overrides)
     loaded, cfg, eval_target = plan.loaded, plan.cfg, plan.eval_target
     record = _probe_record(loaded, plan.positions, cfg, eval_target, plan.cache_dir, share)
+    # the random init's features are cached like the target's; the pixels only where ranks must gather them
     baselines = {role: _probe_record(probed, plan.positions if role == RANDOM_INIT else None, cfg, eval_target,
-                                     plan.cache_dir, share, cache=role == RANDOM_INIT or _shared(share))
+                                     plan.cache_dir if role == RANDOM_INIT or _shared(share) else None, share)
                  for role, probed in baseline_backbones(plan).items()}
     if record is None or None in baselines.values():  # a rank > 0: its parts are written, rank 0 fits
         return None
     if baselines:
         record["baselines"] = baselines
-    if share and share.world_size > 1:
+    if _shared(share):
         record["extraction_ranks"] = share.world_size
     record.update({"eval_target": eval_target.name, "target": target, "global_step": loaded.step,
                    "precision": resolve_precision(cfg.probe.precision, probe_device()),
@@ -308,13 +309,18 @@ def run_probe(target: str, overrides: list[str], share=None) -> ProbeResult | No
 
 
 def _shared(share) -> bool:
+    """Whether a share (selfsup.eval.feature_parts.RankShare) splits the extraction over several ranks."""
     return bool(share and share.world_size > 1)
 
 
+def pixel_features(eval_target: EvalTarget) -> ProbedBackbone:
+    """The raw-pixel baseline: the eval target knows what its inputs' pixels are."""
+    return ProbedBackbone(eval_target.pixels(), f"{PIXELS}:{eval_target.name}")
+
+
 def _probe_record(probed: ProbedBackbone, positions: list[int] | None, cfg: DictConfig, eval_target: EvalTarget,
-                  cache_dir: Path | None, share, cache: bool = True) -> dict | None:
+                  cache_dir: Path | None, share) -> dict | None:
     """The eval target's record of one backbone's features (None on a rank > 0 of a share)."""
-    cache_dir = cache_dir if cache else None
     if positions is None:
         features = probe_features(probed.backbone, cfg, eval_target, cache_dir, probed.identity, share=share)
         return None if features is None else eval_target.evaluate(features, cfg)
@@ -330,7 +336,7 @@ def baseline_backbones(plan: ProbePlan) -> dict[str, ProbedBackbone]:
         return {}
     name, kwargs = probed.architecture
     return {RANDOM_INIT: load_backbone(f"random:{name}", kwargs),
-            PIXELS: ProbedBackbone(plan.eval_target.pixels(), f"{PIXELS}:{plan.eval_target.name}")}
+            PIXELS: pixel_features(plan.eval_target)}
 
 
 def check_layers(cfg: DictConfig, backbone, eval_target: EvalTarget) -> list[int] | None:
