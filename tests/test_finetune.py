@@ -99,6 +99,8 @@ def test_the_finetuned_network_loads_in_timm_with_its_classifier(finetuned):
 def test_finetuning_a_run_starts_from_its_weights_and_files_the_result_there(tmp_path, finetuned):
     from safetensors.torch import load_file
 
+    from selfsup.export import load_checkpoint
+
     source, _ = finetuned  # a fine-tuned network is a run folder with checkpoints like any other
     run_submit("finetune", str(source), "finetune.label_fraction=0.1", "finetune.val_samples=100",
                "trainer.max_steps=1", "optim.lr=1e-12", "optim.warmup_steps=0", "data.batch_size=32",
@@ -106,7 +108,7 @@ def test_finetuning_a_run_starts_from_its_weights_and_files_the_result_there(tmp
     filed = json.loads((source / "finetune" / "again.json").read_text())
     assert filed["source"] == str(source) and filed["run"] == str(tmp_path / "again")
     # at an LR of 1e-12 a step moves a weight by about 1e-12: every weight is still the source's last one
-    start = torch.load(source / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    start = load_checkpoint(source / "checkpoints" / "last.ckpt")["state_dict"]  # weights_only=True
     after = load_file(tmp_path / "again" / "model.safetensors")
     for key in ("conv1.weight", "layer3.0.conv2.weight", "fc.weight", "fc.bias"):
         assert torch.allclose(after[key], start[f"backbone.net.{key}"], atol=1e-8), key

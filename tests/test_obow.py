@@ -281,7 +281,7 @@ def _fit(cfg, run_dir, batches, stop_at=None, resume=False):
     ckpt = str(run_dir / "checkpoints" / "last.ckpt") if resume else None
     stream = Batches(batches)
     stream.trainer = trainer
-    trainer.fit(module, train_dataloaders=stream, ckpt_path=ckpt, weights_only=False)
+    trainer.fit(module, train_dataloaders=stream, ckpt_path=ckpt, weights_only=True)
     return module, trainer
 
 
