@@ -116,3 +116,40 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, command):
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+
+def test_a_small_split_is_decoded_once_per_process_and_a_changed_shard_is_decoded_again(tmp_path, monkeypatch):
+    """The probes after the first on the same split (a run, its random init, raw pixels) get the same
+    decoded batches; a shard rewritten since, or a split over the size limit, is read again."""
+    import os
+
+    import selfsup.data.stream as stream
+    from conftest import write_keyed_shards
+    from selfsup.eval import decoded_splits
+    from selfsup.eval.classification import GROUP, ImageClassification
+    from selfsup.eval.probe import probe_config
+
+    write_keyed_shards(tmp_path, shards=2, per_shard=20)
+    spec = str(tmp_path / "train-{000000..000001}.tar")
+    cfg = probe_config(["data=digits", "data.num_workers=0", "data.image_size=8", "probe.batch_size=16"], None)
+    passes = []
+    real_loader = stream.eval_loader
+    monkeypatch.setattr(stream, "eval_loader", lambda *a, **k: passes.append(1) or real_loader(*a, **k))
+
+    def read():
+        return list(ImageClassification().labelled_batches(cfg, "train", spec)[GROUP])
+
+    decoded_splits.forget_all()
+    first, second = read(), read()
+    assert len(passes) == 1 and sum(len(b["label"]) for b in first) == 40
+    assert all(torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+               for a, b in zip(first, second, strict=True))
+    shard = tmp_path / "train-000001.tar"
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    read()
+    assert len(passes) == 2  # the shard changed: decoded again
+    decoded_splits.forget_all()
+    monkeypatch.setattr(decoded_splits, "LIMIT_BYTES", 100)  # less than one batch
+    read(), read()
+    assert len(passes) == 4 and not decoded_splits._kept

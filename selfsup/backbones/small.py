@@ -26,6 +26,7 @@ def _cfg(**kwargs) -> dict:
 # read by timm's register_model, so it comes before the decorated functions
 default_cfgs = generate_default_cfgs({
     "selfsup_resnet18_s1": _cfg(first_conv="conv1", classifier="fc"),
+    "selfsup_resnet10_s1": _cfg(first_conv="conv1", classifier="fc"),
     "selfsup_resnet10_s1_w32": _cfg(first_conv="conv1", classifier="fc"),
     "selfsup_resnet_tiny": _cfg(first_conv="conv1", classifier="fc"),
     "selfsup_convnet4": _cfg(num_classes=0, first_conv="stages.0.0", classifier="head"),
@@ -53,6 +54,11 @@ def _build_stride1_resnet(layers, channels, **kwargs):
 @register_model
 def selfsup_resnet18_s1(pretrained: bool = False, **kwargs):
     return _stride1_resnet("selfsup_resnet18_s1", pretrained, (2, 2, 2, 2), (64, 128, 256, 512), **kwargs)
+
+
+@register_model
+def selfsup_resnet10_s1(pretrained: bool = False, **kwargs):
+    return _stride1_resnet("selfsup_resnet10_s1", pretrained, (1, 1, 1, 1), (64, 128, 256, 512), **kwargs)
 
 
 @register_model

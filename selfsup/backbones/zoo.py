@@ -63,6 +63,7 @@ def _small(timm_name: str, kwargs: dict):
 # weights load with timm.create_model("selfsup_<name>") after `import selfsup.backbones.small`.
 for _name, _desc in [
     ("resnet18_s1", "ResNet-18, 3x3 stride-1 stem (CIFAR-style)"),
+    ("resnet10_s1", "ResNet-10 (1 block per stage), widths 64-128-256-512, 3x3 stride-1 stem"),
     ("resnet10_s1_w32", "ResNet-10 (1 block per stage), widths 32-64-128-256, 3x3 stride-1 stem"),
     ("resnet_tiny", "tests: ResNet, 1 block per stage, widths 8-16-32-64, stride-1 stem"),
     ("convnet4", "plain CPU convnet: 4 x (conv3x3-BN-ReLU-maxpool), widths 32-64-128-256"),

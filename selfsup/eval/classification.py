@@ -130,11 +130,15 @@ class ImageClassification(EvalTarget):
     splits_by_shard = True
 
     def labelled_batches(self, cfg, split: str, spec) -> dict:
-        from selfsup.data.stream import eval_loader
+        from selfsup.data.stream import eval_loader, expand_urls
         from selfsup.data.views import eval_view
+        from selfsup.eval.decoded_splits import decoded_once, file_identity
 
-        view = eval_view(cfg.data.image_size, cfg.data.mean, cfg.data.std)
-        return {GROUP: eval_loader(spec, view, batch_size=cfg.probe.batch_size, num_workers=cfg.data.num_workers)}
+        size, mean, std, batch_size = cfg.data.image_size, list(cfg.data.mean), list(cfg.data.std), cfg.probe.batch_size
+        shards = file_identity(expand_urls(spec))
+        key = ("classification", shards, size, tuple(mean), tuple(std), batch_size) if shards else None
+        return {GROUP: decoded_once(key, lambda: eval_loader(spec, eval_view(size, mean, std), batch_size=batch_size,
+                                                             num_workers=cfg.data.num_workers))}
 
     def pixels(self) -> torch.nn.Module:
         return PixelFeatures()
