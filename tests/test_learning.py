@@ -172,8 +172,8 @@ SIT_MARGIN_OVER_RANDOM = 1.0  # 2.2 sd under the mean margin, 0.97 under the low
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_sit_beats_its_random_init(tmp_path, baseline_probe):
-    """SIT_RUN: a 6-block, patch-8 vit_t. SiT stays under raw pixels at CPU budgets (docs/results/sit.md), so the
-    assertion is the margin over the same ViT at random init."""
+    """SIT_RUN: a 6-block, patch-8 vit_t. SiT stays under raw pixels at CPU budgets
+    (docs/results/sit.md), so the assertion is the margin over the same ViT at random init."""
     train = builtin_shards("fashion_mnist", "train")
     probe_args = ["data=fashion_mnist", f"data.train={train}/train-{{000000..000001}}.tar", CALIBRATED_PROBE]
     run_submit("pretrain", "sit", "vit_t", *SIT_RUN, "trainer.enable_progress_bar=false",

@@ -118,7 +118,6 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, command):
         assert "Traceback" not in proc.stderr
 
 
-
 def test_a_small_split_is_decoded_once_per_process_and_a_changed_shard_is_decoded_again(tmp_path, monkeypatch):
     """The probes after the first on the same split (a run, its random init, raw pixels) get the same
     decoded batches; a shard rewritten since, or a split over the size limit, is read again."""
