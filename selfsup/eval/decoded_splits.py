@@ -17,7 +17,7 @@ import torch
 
 LIMIT_BYTES = 512 * 2**20  # all the splits kept, together: 20,000 32-px RGB images take 234 MiB in fp32
 
-_kept: OrderedDict[Hashable, list[dict]] = OrderedDict()
+_kept: OrderedDict[Hashable, tuple[list[dict], int]] = OrderedDict()  # key -> (batches, their bytes)
 
 
 def file_identity(urls: list[str]) -> tuple:
@@ -43,44 +43,27 @@ def decoded_once(key: Hashable | None, make_batches: Callable[[], Iterable[dict]
         return make_batches()
     if key in _kept:
         _kept.move_to_end(key)
-        return list(_kept[key])
-    return _KeepingPass(key, make_batches)
+        return list(_kept[key][0])
+    return _keeping_pass(key, make_batches)
 
 
 def forget_all() -> None:
     _kept.clear()
 
 
-class _KeepingPass:
+def _keeping_pass(key: Hashable, make_batches: Callable[[], Iterable[dict]]) -> Iterator[dict]:
     """One pass over the batches that keeps them if it ends and they fit under LIMIT_BYTES."""
-
-    def __init__(self, key: Hashable, make_batches: Callable[[], Iterable[dict]]):
-        self.key, self.make_batches = key, make_batches
-
-    def __iter__(self) -> Iterator[dict]:
-        kept, size = [], 0
-        for batch in self.make_batches():
-            if kept is not None:
-                size += batches_nbytes(batch)
-                if size <= LIMIT_BYTES:
-                    # a copy: a loader worker's tensors live in shared memory, one open file each
-                    kept.append(_own_copy(batch))
-                else:
-                    kept = None
-            yield batch
+    kept, size = [], 0
+    for batch in make_batches():
         if kept is not None:
-            _keep(self.key, kept)
-
-
-def _own_copy(batch: dict) -> dict:
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _keep(key: Hashable, batches: list[dict]) -> None:
-    _kept[key] = batches
-    while len(_kept) > 1 and sum(map(_size, _kept.values())) > LIMIT_BYTES:
-        _kept.popitem(last=False)  # the least recently used split goes first
-
-
-def _size(batches: list[dict]) -> int:
-    return sum(batches_nbytes(b) for b in batches)
+            size += batches_nbytes(batch)
+            if size <= LIMIT_BYTES:
+                # a copy: a loader worker's tensors live in shared memory, one open file each
+                kept.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+            else:
+                kept = None
+        yield batch
+    if kept is not None:
+        _kept[key] = (kept, size)
+        while len(_kept) > 1 and sum(nbytes for _, nbytes in _kept.values()) > LIMIT_BYTES:
+            _kept.popitem(last=False)  # the least recently used split goes first
